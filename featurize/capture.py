@@ -1,0 +1,269 @@
+"""Find the residual blocks of any ``nn.Module``, build probe inputs, collect snapshot pairs.
+
+One forward pass with hooks on every block gives, per block ``l``, the token states entering it
+(``X_l``) and leaving it (``Y_l``). The hooks keep only the ``N`` sampled token states as they go,
+so memory stays at ``N × d`` per layer whatever the probe size (DESIGN §2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class CaptureError(ValueError):
+    """The model cannot be profiled as given (no blocks, bad probe, non-finite activations)."""
+
+
+_LEAF_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Identity)
+
+
+def _is_block_like(m: nn.Module) -> bool:
+    return any(True for _ in m.children()) and not isinstance(m, _LEAF_TYPES)
+
+
+def _get_submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError as e:
+        raise CaptureError(f"no submodule named {name!r} in {type(model).__name__}") from e
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[nn.Module]]:
+    """The residual blocks of ``model`` and the dotted name of their container.
+
+    Automatic discovery picks, among ``nn.ModuleList``/``nn.Sequential`` containers, the longest
+    run of consecutive children of one class that are themselves composite modules; the
+    shallowest container wins (so experts inside a block or heads inside attention never beat the
+    block list), then the longest. Works for our zoo (``blocks``), nanoGPT and HF GPT-2
+    (``transformer.h``), HF Llama (``model.layers``) and an ``nn.Sequential`` of blocks.
+
+    Parameters
+    ----------
+    model : nn.Module
+    blocks : str, optional
+        Dotted name of the container to use instead (e.g. ``"transformer.h"``).
+
+    Returns
+    -------
+    (name, list of modules)
+    """
+    if blocks is not None:
+        container = _get_submodule(model, blocks)
+        children = list(container.children())
+        if not children:
+            raise CaptureError(f"{blocks!r} has no child modules to use as blocks")
+        return blocks, children
+    best: tuple[tuple[int, int], str, list[nn.Module]] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(mod.children())
+        run: list[nn.Module] = []
+        best_run: list[nn.Module] = []
+        for c in children:
+            if run and type(c) is type(run[-1]) and _is_block_like(c):
+                run.append(c)
+            else:
+                run = [c] if _is_block_like(c) else []
+            if len(run) > len(best_run):
+                best_run = list(run)
+        if not best_run:
+            continue
+        depth = name.count(".") + (1 if name else 0)
+        key = (-depth, len(best_run))
+        if best is None or key > best[0]:
+            best = (key, name, best_run)
+    if best is None:
+        raise CaptureError(
+            f"no residual blocks found in {type(model).__name__}: "
+            "name the container of the blocks with --blocks (e.g. transformer.h)"
+        )
+    return best[1], best[2]
+
+
+@dataclass
+class Snapshots:
+    """Snapshot pairs of every block: ``X[l], Y[l]`` of shape (d, N)."""
+
+    names: list[str]
+    X: list[np.ndarray]
+    Y: list[np.ndarray]
+
+
+def _first_tensor(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)) and obj:
+        return _first_tensor(obj[0])
+    if isinstance(obj, dict):
+        for key in ("hidden_states", "last_hidden_state", "x", "h"):
+            if key in obj:
+                return _first_tensor(obj[key])
+    if hasattr(obj, "last_hidden_state"):
+        return obj.last_hidden_state
+    return None
+
+
+def _context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "block_size", "seq_len", "n_ctx"):
+        val = getattr(cfg, key, None) if cfg is not None else None
+        if val is None and isinstance(cfg, dict):
+            val = cfg.get(key)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def make_probe(
+    model: nn.Module,
+    n_samples: int = 2048,
+    *,
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+    seq_len: int | None = None,
+) -> torch.Tensor:
+    """Probe inputs for one forward pass, seeded.
+
+    Token ids uniform over the vocabulary of the model's first ``nn.Embedding`` when it has one,
+    otherwise standard Gaussian inputs of ``input_shape`` (per example, without the batch axis).
+    Enough examples are drawn to hold ``n_samples`` token states.
+
+    Returns
+    -------
+    Tensor of shape (B, T) (token ids) or (B, *input_shape)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if input_shape is None and emb is not None:
+        ctx = _context_length(model)
+        T = seq_len or min(64, ctx) if ctx else (seq_len or 64)
+        B = math.ceil(n_samples / T)
+        return torch.randint(0, emb.num_embeddings, (B, T), generator=gen)
+    if input_shape is None:
+        raise CaptureError(
+            f"{type(model).__name__} has no nn.Embedding: give the input shape (--input-shape) "
+            "or a tensor file of probe inputs (--inputs)"
+        )
+    per_example = int(np.prod(input_shape[:-1])) if len(input_shape) > 1 else 1
+    B = math.ceil(n_samples / per_example)
+    return torch.randn((B, *input_shape), generator=gen)
+
+
+def load_probe(path: str | Path) -> torch.Tensor:
+    """A probe tensor saved with ``torch.save`` (loaded with ``weights_only=True``)."""
+    try:
+        t = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CaptureError(f"cannot read probe tensor file {path}: {e.__class__.__name__}") from e
+    if isinstance(t, dict) and len(t) == 1:
+        t = next(iter(t.values()))
+    if not isinstance(t, torch.Tensor):
+        raise CaptureError(f"{path} does not hold a tensor (got {type(t).__name__})")
+    return t
+
+
+@torch.no_grad()
+def collect_snapshots(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    blocks: str | None = None,
+    n_samples: int = 2048,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress=None,
+) -> Snapshots:
+    """Run ``inputs`` through ``model`` in micro-batches and keep ``n_samples`` token states per block.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor of shape (B, T, ...) or (B, T)
+    blocks : str, optional
+        Dotted name of the block container; discovered when omitted.
+    n_samples : int
+        Token states kept per layer, drawn uniformly without replacement from batch × positions.
+    progress : callable, optional
+        Called with the number of examples done after each micro-batch.
+
+    Returns
+    -------
+    Snapshots with ``X[l], Y[l]`` of shape (d, N).
+    """
+    if n_samples < 2:
+        raise CaptureError(f"n_samples must be at least 2, got {n_samples}")
+    _, mods = find_blocks(model, blocks)
+    names = [f"{type(m).__name__}[{i}]" for i, m in enumerate(mods)]
+    B = inputs.shape[0]
+    tokens_per_example = int(np.prod(inputs.shape[1:2])) if inputs.ndim >= 2 else 1
+    # token ids (B, T) give T states per example; feature inputs (B, T, d_in) likewise
+    if inputs.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16) and inputs.ndim == 2:
+        tokens_per_example = 1
+    total = B * tokens_per_example
+    if total < n_samples:
+        raise CaptureError(f"probe holds {total} token states, fewer than n_samples={n_samples}")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=n_samples, replace=False))
+
+    store_x: list[list[torch.Tensor]] = [[] for _ in mods]
+    store_y: list[list[torch.Tensor]] = [[] for _ in mods]
+    state = {"sel": None}
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            x = _first_tensor(x)
+            y = _first_tensor(output)
+            if x is None or y is None:
+                raise CaptureError(f"block {names[i]} takes or returns no tensor")
+            if x.shape != y.shape:
+                raise CaptureError(
+                    f"block {names[i]} maps shape {tuple(x.shape)} to {tuple(y.shape)}: "
+                    "not a residual block; name the right container with --blocks"
+                )
+            xf = x.reshape(-1, x.shape[-1])  # (b*T, d)
+            yf = y.reshape(-1, y.shape[-1])  # (b*T, d)
+            sel = state["sel"]
+            store_x[i].append(xf[sel].detach().to(torch.float64).cpu())
+            store_y[i].append(yf[sel].detach().to(torch.float64).cpu())
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(mods)]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, B, batch_size):
+            stop = min(B, start + batch_size)
+            lo, hi = start * tokens_per_example, stop * tokens_per_example
+            idx = chosen[(chosen >= lo) & (chosen < hi)] - lo
+            if idx.size == 0:
+                continue
+            state["sel"] = torch.as_tensor(idx)
+            model(inputs[start:stop])
+            if progress is not None:
+                progress(stop)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    X, Y = [], []
+    for i, name in enumerate(names):
+        if not store_x[i]:
+            raise CaptureError(f"block {name} was never called in the forward pass")
+        x = torch.cat(store_x[i]).T.numpy()  # (d, N)
+        y = torch.cat(store_y[i]).T.numpy()  # (d, N)
+        if not (np.isfinite(x).all() and np.isfinite(y).all()):
+            raise CaptureError(
+                f"non-finite activations at initialization in block {name}: "
+                "the network already overflows; check its init scale"
+            )
+        X.append(x)
+        Y.append(y)
+    return Snapshots(names=names, X=X, Y=Y)

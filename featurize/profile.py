@@ -1,0 +1,248 @@
+"""SpectralProfile: the per-layer table, its aggregates, JSON round-trip and eigenvalue plot."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import capture as _capture
+from .dmd import dmd
+from .spectra import eigenvector_condition, kreiss_constant, spectral_masses, spectral_radius
+
+#: Fixed column schema of ``SpectralProfile.layers``. Masses (m_*) are over the ResDMD-reliable
+#: modes (over all modes when none is reliable); m_*_all are over all modes.
+PROFILE_COLUMNS: list[str] = [
+    "layer", "name", "m_exp", "m_near", "m_mid", "m_con", "rho", "kappa_v", "kreiss",
+    "eta_nl", "reliable_fraction", "degenerate",
+    "m_exp_all", "m_near_all", "m_mid_all", "m_con_all", "update_ratio", "rank",
+]
+#: Per-layer quantities that are aggregated across layers (mean, max, min, std).
+AGGREGATED: list[str] = [
+    "m_exp", "m_near", "m_mid", "m_con", "rho", "kappa_v", "kreiss", "eta_nl", "reliable_fraction",
+]
+DEGENERATE_UPDATE = 1e-4  # ‖Y − X‖_F / ‖X‖_F below this: residual branch is (nearly) off
+
+
+def layer_stats(X: np.ndarray, Y: np.ndarray, *, rank: int | None = 32, seed: int = 0) -> dict:
+    """Every profile column for one layer's snapshots ``X, Y`` of shape (d, N)."""
+    res = dmd(X, Y, rank=rank, seed=seed)
+    lam = res.eigenvalues
+    rel = res.reliable
+    masses_all = spectral_masses(lam)
+    masses = spectral_masses(lam[rel]) if rel.any() else masses_all
+    update = float(np.linalg.norm(Y - X) / (np.linalg.norm(X) + 1e-12))
+    row = dict(
+        **masses,
+        rho=spectral_radius(lam),
+        kappa_v=eigenvector_condition(res.V),
+        kreiss=kreiss_constant(res.A),
+        eta_nl=res.eta_nl,
+        reliable_fraction=float(rel.mean()),
+        degenerate=bool(update < DEGENERATE_UPDATE),
+        **{f"{k}_all": v for k, v in masses_all.items()},
+        update_ratio=update,
+        rank=int(res.rank),
+    )
+    row["_eigenvalues"] = lam
+    return row
+
+
+def aggregate(layers: pd.DataFrame) -> dict[str, float]:
+    """mean/max/min/std of every aggregated column over the non-degenerate layers.
+
+    When every layer is degenerate, all layers are used (and ``n_degenerate`` says so).
+    """
+    use = layers[~layers["degenerate"].astype(bool)]
+    if use.empty:
+        use = layers
+    out: dict[str, float] = {}
+    for col in AGGREGATED:
+        v = use[col].astype(float).replace([np.inf], np.nan)
+        out[f"{col}_mean"] = float(v.mean())
+        out[f"{col}_max"] = float(v.max())
+        out[f"{col}_min"] = float(v.min())
+        out[f"{col}_std"] = float(v.std(ddof=0))
+    out["n_layers"] = int(len(layers))
+    out["n_degenerate"] = int(layers["degenerate"].astype(bool).sum())
+    return out
+
+
+@dataclass
+class SpectralProfile:
+    """Per-layer Koopman spectral profile of a network at one point of its training.
+
+    Attributes
+    ----------
+    layers : DataFrame with columns ``PROFILE_COLUMNS``, one row per residual block
+    aggregates : dict, ``{col}_{mean,max,min,std}`` for ``AGGREGATED`` plus ``n_layers``,
+        ``n_degenerate``
+    eigenvalues : list of complex arrays, one per layer
+    meta : dict (blocks container, n_samples, seed, rank)
+    """
+
+    layers: pd.DataFrame
+    aggregates: dict
+    eigenvalues: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], meta: dict | None = None) -> "SpectralProfile":
+        eigs = [np.asarray(r.pop("_eigenvalues", np.array([]))) for r in rows]
+        layers = pd.DataFrame(rows, columns=PROFILE_COLUMNS)
+        layers["degenerate"] = layers["degenerate"].astype(bool)
+        return cls(layers=layers, aggregates=aggregate(layers), eigenvalues=eigs, meta=meta or {})
+
+    @property
+    def degenerate_layers(self) -> list[int]:
+        return [int(i) for i in self.layers.loc[self.layers["degenerate"], "layer"]]
+
+    def to_dict(self) -> dict:
+        """``{"layers": [...], "aggregates": {...}, "eigenvalues": [[re, im], ...], "meta": {...}}``."""
+        def clean(v):
+            if isinstance(v, (np.floating, float)):
+                return None if not np.isfinite(v) else float(v)
+            if isinstance(v, (np.integer,)):
+                return int(v)
+            if isinstance(v, np.bool_):
+                return bool(v)
+            return v
+
+        layers = [{k: clean(v) for k, v in row.items()} for row in self.layers.to_dict("records")]
+        return dict(
+            layers=layers,
+            aggregates={k: clean(v) for k, v in self.aggregates.items()},
+            eigenvalues=[[[float(z.real), float(z.imag)] for z in e] for e in self.eigenvalues],
+            meta=self.meta,
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpectralProfile":
+        layers = pd.DataFrame(d["layers"], columns=PROFILE_COLUMNS)
+        for col in PROFILE_COLUMNS:
+            if col not in ("name", "degenerate", "layer", "rank"):
+                layers[col] = layers[col].astype(float)
+        layers["degenerate"] = layers["degenerate"].astype(bool)
+        eigs = [np.array([complex(a, b) for a, b in e]) for e in d.get("eigenvalues", [])]
+        aggs = {k: (np.nan if v is None else v) for k, v in d["aggregates"].items()}
+        return cls(layers=layers, aggregates=aggs, eigenvalues=eigs, meta=d.get("meta", {}))
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "SpectralProfile":
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """PNG of each layer's eigenvalues against the unit circle and the near-unit band."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = max(1, len(self.eigenvalues))
+        cols = min(n, 4)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+        t = np.linspace(0, 2 * np.pi, 400)
+        for ax in axes.ravel()[n:]:
+            ax.axis("off")
+        for i, (ax, lam) in enumerate(zip(axes.ravel(), self.eigenvalues)):
+            row = self.layers.iloc[i]
+            for r, style in ((1.0, "k-"), (0.90, "g:"), (1.05, "r:")):
+                ax.plot(r * np.cos(t), r * np.sin(t), style, lw=0.8)
+            ax.scatter(lam.real, lam.imag, s=8, alpha=0.7)
+            lim = max(1.2, float(np.max(np.abs(lam))) * 1.05 if lam.size else 1.2)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_aspect("equal")
+            flag = " (degenerate)" if row["degenerate"] else ""
+            ax.set_title(f"layer {i}: M≈1={row['m_near']:.2f} ρ={row['rho']:.2f}{flag}", fontsize=8)
+        fig.suptitle(title or "DMD eigenvalues per layer (unit circle; band 0.90–1.05)", fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def profile_snapshots(
+    snaps: "_capture.Snapshots", *, rank: int | None = 32, seed: int = 0, progress=None,
+    meta: dict | None = None,
+) -> SpectralProfile:
+    """Profile already-collected snapshots (one row per layer)."""
+    rows = []
+    for i, (name, X, Y) in enumerate(zip(snaps.names, snaps.X, snaps.Y)):
+        row = layer_stats(X, Y, rank=rank, seed=seed)
+        rows.append(dict(layer=i, name=name, **row))
+        if progress is not None:
+            progress(i + 1)
+    return SpectralProfile.from_rows(rows, meta=meta)
+
+
+def profile(
+    model: nn.Module,
+    inputs: torch.Tensor | str | Path | None = None,
+    *,
+    blocks: str | None = None,
+    n_samples: int = 2048,
+    seed: int = 0,
+    rank: int | None = 32,
+    input_shape: tuple[int, ...] | None = None,
+    progress=None,
+) -> SpectralProfile:
+    """Koopman spectral profile of ``model`` at its current weights, from one forward pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, path to a tensor file, or None
+        Probe inputs; by default random token ids from the model's embedding vocabulary (or
+        Gaussian inputs of ``input_shape``), seeded by ``seed``.
+    blocks : str, optional
+        Dotted name of the residual-block container; discovered when omitted.
+    n_samples : int, default 2048
+        Token states per layer (N).
+    rank : int or None, default 32
+        Rank of the randomized DMD (the paper's recipe); ``None`` for full DMD.
+    progress : callable, optional
+        ``progress(stage, done, total)`` for progress bars.
+
+    Returns
+    -------
+    SpectralProfile
+
+    Examples
+    --------
+    >>> prof = profile(model)                                   # doctest: +SKIP
+    >>> prof.aggregates["m_near_mean"]                          # doctest: +SKIP
+    """
+    if n_samples < 2:
+        raise _capture.CaptureError(f"n_samples must be at least 2, got {n_samples}")
+    torch.manual_seed(seed)
+    name, _ = _capture.find_blocks(model, blocks)
+    if inputs is None:
+        inputs = _capture.make_probe(model, n_samples, seed=seed, input_shape=input_shape)
+    elif isinstance(inputs, (str, Path)):
+        inputs = _capture.load_probe(inputs)
+    B = inputs.shape[0]
+    snaps = _capture.collect_snapshots(
+        model, inputs, blocks=blocks, n_samples=n_samples, seed=seed,
+        progress=(lambda done: progress("forward", done, B)) if progress else None,
+    )
+    L = len(snaps.names)
+    return profile_snapshots(
+        snaps, rank=rank, seed=seed,
+        progress=(lambda done: progress("spectra", done, L)) if progress else None,
+        meta=dict(blocks=name, n_samples=n_samples, seed=seed, rank=rank),
+    )

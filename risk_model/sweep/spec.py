@@ -1,0 +1,265 @@
+"""Run configurations, sweep spec files (TOML), sampling and run ids.
+
+A spec file::
+
+    name = "corpus-v1"
+    n_runs = 1600            # total runs (configs × seeds_per_config)
+    sampler = "lhs"          # "lhs" (Latin hypercube over each key's grid), "random" or "grid"
+    seed = 0                 # sampling seed
+    seeds_per_config = 2     # each sampled config runs with this many training seeds
+
+    [grid]                   # one list of values per key; a scalar fixes the key
+    family = ["gpt", "gpt", "moe", "kan"]   # repeating a value weights it
+    norm = ["pre_ln", "post_ln", "rmsnorm", "deepnorm", "subln", "none"]
+    lr = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    steps = 300
+
+Keys of ``[grid]`` are the fields of ``RunConfig`` except ``seed`` (seeds come from
+``seeds_per_config``). A key left out takes ``RunConfig``'s default. Every sampled config is
+validated before any run starts; errors are ``SweepSpecError`` naming the key.
+
+Run id: the first 16 hex digits of the sha1 of the config's canonical JSON (sorted keys, every
+field, seed included). Config id: the same without ``seed``, so a config's seeds group together.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .tasks import TASKS
+from .zoo import FAMILIES, NORMS, MODEL_ARG_NAMES
+
+OPTIMIZERS = ("adamw", "lion", "sgd")
+SAMPLERS = ("lhs", "random", "grid")
+
+
+class SweepSpecError(ValueError):
+    """A sweep spec or run config is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one training run (and therefore its run id)."""
+
+    # model (fields of zoo.TransformerConfig; block_size = seq_len)
+    family: str = "gpt"
+    norm: str = "pre_ln"
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    init_scale: float = 1.0
+    residual_scale: float = 1.0
+    n_experts: int = 4
+    top_k: int = 2
+    kan_grid: int = 6
+    # task
+    task: str = "synthetic_lm"
+    seq_len: int = 32
+    vocab_size: int = 256
+    # training
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    warmup: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    steps: int = 300
+    grad_clip: float = 0.0        # 0: no clipping
+    seed: int = 0
+    kss_alpha: float = 0.0
+    kss_every: int = 10
+    # init profile
+    profile_samples: int = 512
+    profile_rank: int = 32
+
+    def model_args(self) -> dict:
+        """``zoo.build_model`` arguments for this run."""
+        args = {k: v for k, v in asdict(self).items() if k in MODEL_ARG_NAMES}
+        args["block_size"] = self.seq_len
+        return args
+
+
+RUN_FIELDS = {f.name: f.type for f in fields(RunConfig)}
+_INT = {k for k, t in RUN_FIELDS.items() if t == "int"}
+_FLOAT = {k for k, t in RUN_FIELDS.items() if t == "float"}
+_CHOICES = {"family": FAMILIES, "norm": NORMS, "task": TASKS, "optimizer": OPTIMIZERS}
+
+
+def _coerce(key: str, value):
+    if key not in RUN_FIELDS:
+        raise SweepSpecError(f"unknown key {key!r} (known: {', '.join(sorted(RUN_FIELDS))})")
+    if key in _INT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise SweepSpecError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if key in _FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SweepSpecError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise SweepSpecError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _single_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """Checks that involve one key only."""
+    checks = [
+        ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "must be > 0"),
+        ("init_scale", cfg.init_scale > 0, "must be > 0"),
+        ("residual_scale", cfg.residual_scale > 0, "must be > 0"),
+        ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
+        ("grad_clip", cfg.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+        ("kss_alpha", cfg.kss_alpha >= 0, "must be >= 0"),
+        ("warmup", cfg.warmup >= 0, "must be >= 0"),
+        ("seed", cfg.seed >= 0, "must be >= 0"),
+    ]
+    for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "n_experts", "top_k", "kan_grid",
+                "seq_len", "vocab_size", "batch_size", "steps", "kss_every", "profile_samples",
+                "profile_rank"):
+        checks.append((key, getattr(cfg, key) >= 1, "must be >= 1"))
+    return checks
+
+
+def _cross_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """Checks that relate two keys."""
+    return [
+        ("n_heads", cfg.d_model % cfg.n_heads == 0,
+         f"must divide d_model={cfg.d_model}"),
+        ("top_k", cfg.top_k <= cfg.n_experts, f"must be <= n_experts={cfg.n_experts}"),
+        ("seq_len", cfg.task != "assoc_recall" or cfg.seq_len >= 9,
+         "must be >= 9 for assoc_recall (4 pairs + query)"),
+        ("profile_samples", cfg.profile_samples >= 2, "must be >= 2"),
+    ]
+
+
+def _raise_first(cfg: RunConfig, checks) -> None:
+    for key, ok, msg in checks:
+        if not ok:
+            raise SweepSpecError(f"{key} {msg}, got {getattr(cfg, key)!r}")
+
+
+def make_config(**kwargs) -> RunConfig:
+    """A validated ``RunConfig``; raises ``SweepSpecError`` naming the first bad key."""
+    cfg = RunConfig(**{k: _coerce(k, v) for k, v in kwargs.items()})
+    _raise_first(cfg, _single_checks(cfg))
+    _raise_first(cfg, _cross_checks(cfg))
+    return cfg
+
+
+def _canonical(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def run_id(cfg: RunConfig) -> str:
+    """sha1 of the config's canonical JSON, first 16 hex digits."""
+    return hashlib.sha1(_canonical(asdict(cfg)).encode()).hexdigest()[:16]
+
+
+def config_id(cfg: RunConfig) -> str:
+    """Like ``run_id`` but without ``seed``: the same for every seed of one config."""
+    d = asdict(cfg)
+    d.pop("seed")
+    return hashlib.sha1(_canonical(d).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SweepSpec:
+    """A parsed spec file. ``configs()`` gives the runs it asks for, in a fixed order."""
+
+    grid: dict[str, list]
+    n_runs: int | None = None
+    sampler: str = "lhs"
+    seed: int = 0
+    seeds_per_config: int = 1
+    name: str = "sweep"
+    source: str = field(default="", repr=False)
+
+    def configs(self) -> list[RunConfig]:
+        """The sampled run configs (validated), deduplicated by run id, in a stable order."""
+        keys = sorted(self.grid)
+        rng = np.random.default_rng(self.seed)
+        if self.sampler == "grid":
+            combos = [dict(zip(keys, vals))
+                      for vals in itertools.product(*(self.grid[k] for k in keys))]
+        else:
+            n_cfg = math.ceil((self.n_runs or 1) / self.seeds_per_config)
+            cols = {}
+            for k in keys:
+                vals = self.grid[k]
+                if self.sampler == "lhs":   # each value gets n/len strata, randomly paired
+                    strata = rng.permutation(n_cfg)
+                    cols[k] = [vals[int(s * len(vals) // n_cfg)] for s in strata]
+                else:
+                    cols[k] = [vals[int(i)] for i in rng.integers(0, len(vals), n_cfg)]
+            combos = [{k: cols[k][i] for k in keys} for i in range(n_cfg)]
+        out: dict[str, RunConfig] = {}
+        for combo in combos:
+            seeds = rng.integers(0, 2**31 - 1, self.seeds_per_config)
+            for s in seeds:
+                cfg = make_config(**combo, seed=int(s))
+                out.setdefault(run_id(cfg), cfg)
+        cfgs = list(out.values())
+        if self.sampler != "grid" and self.n_runs is not None:
+            cfgs = cfgs[: self.n_runs]
+        return cfgs
+
+
+_TOP_KEYS = {"name", "n_runs", "sampler", "seed", "seeds_per_config", "grid"}
+
+
+def parse_spec(data: dict, source: str = "") -> SweepSpec:
+    """Validate a spec mapping (as read from TOML); raises ``SweepSpecError`` naming the key."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise SweepSpecError(f"unknown top-level key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    grid_in = data.get("grid")
+    if not isinstance(grid_in, dict) or not grid_in:
+        raise SweepSpecError("grid: a [grid] table with at least one key is required")
+    grid: dict[str, list] = {}
+    for key, vals in grid_in.items():
+        if key == "seed":
+            raise SweepSpecError("seed: not a grid key; seeds come from seeds_per_config")
+        vals = list(vals) if isinstance(vals, list) else [vals]
+        if not vals:
+            raise SweepSpecError(f"{key}: empty list of values")
+        grid[key] = [_coerce(key, v) for v in vals]
+        for v in grid[key]:  # one-key checks (lr <= 0, ...) on every listed value
+            _raise_first(RunConfig(**{key: v}), [c for c in _single_checks(RunConfig(**{key: v}))
+                                                 if c[0] == key])
+    sampler = data.get("sampler", "lhs")
+    if sampler not in SAMPLERS:
+        raise SweepSpecError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    n_runs = data.get("n_runs")
+    if sampler != "grid" and (not isinstance(n_runs, int) or isinstance(n_runs, bool) or n_runs < 1):
+        raise SweepSpecError(f"n_runs must be a positive integer for sampler {sampler!r}, got {n_runs!r}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or seed < 0:
+        raise SweepSpecError(f"seed must be a non-negative integer, got {seed!r}")
+    spc = data.get("seeds_per_config", 1)
+    if not isinstance(spc, int) or isinstance(spc, bool) or spc < 1:
+        raise SweepSpecError(f"seeds_per_config must be a positive integer, got {spc!r}")
+    spec = SweepSpec(grid=grid, n_runs=n_runs, sampler=sampler, seed=seed, seeds_per_config=spc,
+                     name=str(data.get("name", "sweep")), source=source)
+    spec.configs()  # validates every combination (e.g. n_heads vs d_model) before any run
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a TOML spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SweepSpecError(f"cannot read spec {path}: {e.strerror or e}") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SweepSpecError(f"spec {path} is not valid TOML: {e}") from e
+    return parse_spec(data, source=text)

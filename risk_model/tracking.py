@@ -1,0 +1,228 @@
+"""MLflow: tracking runs, the model registry, the pyfunc flavour of the predictor (DESIGN §8).
+
+Store: ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/`` (beside the database), unless
+``MLFLOW_TRACKING_URI`` says otherwise. The predictor is logged as a *models-from-code* pyfunc
+(``risk_model/pyfunc_model.py`` + the predictor directory as an artifact: JSON files, no pickle),
+registered as ``divergence-risk``; the alias ``champion`` moves only when the new version's held-out
+metrics are not worse than the champion's (or when forced).
+
+Everything here imports mlflow; ``risk predict`` with the shipped predictor never imports this module.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+MODEL_NAME = "divergence-risk"
+EXPERIMENT = "divergence-risk"
+CHAMPION = "champion"
+#: "not worse": AUROC may drop by at most this much, ECE may rise by at most this much.
+AUROC_TOLERANCE = 0.002
+ECE_TOLERANCE = 0.005
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+TAG_P, TAG_RISK, TAG_VERSION = "divergence_risk.p", "divergence_risk.risk", "divergence_risk.predictor_version"
+_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
+
+
+class TrackingError(ValueError):
+    """A registry or model URI problem the user can fix; the message says which."""
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the local sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a sqlite store, the artifact folder beside the database (created); else None (server's)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return db.parent.resolve().as_uri()
+
+
+def setup(uri: str | None = None, experiment: str = EXPERIMENT) -> str:
+    """Point mlflow at ``uri`` (default ``tracking_uri()``); create/select the experiment; return its id."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+    uri = uri or tracking_uri()
+    root = artifact_root(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        exp_id = mlflow.create_experiment(experiment, artifact_location=f"{root}/{experiment}" if root else None)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@dataclass
+class TrainRecord:
+    run_id: str
+    model_uri: str
+    version: str | None
+    promoted: bool
+    reason: str
+
+
+def _champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def should_promote(new: dict, old: dict | None) -> tuple[bool, str]:
+    """Promote when there is no champion, or the new held-out AUROC/ECE are not worse (tolerances)."""
+    if old is None:
+        return True, "no champion yet"
+    try:
+        oa, oe = float(old["auroc"]), float(old["ece"])
+    except (KeyError, TypeError, ValueError):
+        return True, "champion has no held-out metrics"
+    na, ne = float(new["auroc"]), float(new["ece"])
+    if na >= oa - AUROC_TOLERANCE and ne <= oe + ECE_TOLERANCE:
+        return True, f"held-out AUROC {na:.4f} vs {oa:.4f}, ECE {ne:.4f} vs {oe:.4f}: not worse"
+    return False, f"held-out AUROC {na:.4f} vs champion {oa:.4f}, ECE {ne:.4f} vs {oe:.4f}: worse, champion kept"
+
+
+def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict, corpus_hash: str,
+                 files: list[Path], register: bool = True, promote: bool = False, uri: str | None = None,
+                 name: str = MODEL_NAME) -> TrainRecord:
+    """Log one training run; log the predictor as a models-from-code pyfunc; register; maybe promote.
+
+    ``heldout`` is ``{"auroc": .., "ece": ..}`` of the served predictor under grouped CV.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    setup(uri)
+    with mlflow.start_run(run_name="train") as run:
+        mlflow.log_params({k: v for k, v in params.items() if v is not None})
+        mlflow.log_metrics({k: v for k, v in metrics.items()})
+        mlflow.set_tags({"corpus_hash": corpus_hash, "heldout.auroc": f"{heldout['auroc']:.6f}",
+                         "heldout.ece": f"{heldout['ece']:.6f}"})
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="evaluation")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_FILE), artifacts={"predictor": str(bundle_dir)},
+            pip_requirements=["divergence-risk", "xgboost-cpu>=2", "numpy", "pandas"],
+        )
+    if not register:
+        return TrainRecord(run.info.run_id, info.model_uri, None, False, "not registered")
+    client = MlflowClient()
+    mv = mlflow.register_model(info.model_uri, name)
+    for k, v in {"corpus_hash": corpus_hash, "heldout.auroc": heldout["auroc"], "heldout.ece": heldout["ece"],
+                 "run_id": run.info.run_id}.items():
+        client.set_model_version_tag(name, mv.version, k, str(v))
+    champ = _champion(client, name)
+    old = None if champ is None else {"auroc": champ.tags.get("heldout.auroc"), "ece": champ.tags.get("heldout.ece")}
+    ok, reason = should_promote(heldout, old)
+    if promote and not ok:
+        ok, reason = True, "promoted by --promote (" + reason + ")"
+    if ok:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    return TrainRecord(run.info.run_id, info.model_uri, str(mv.version), ok, reason)
+
+
+def log_evaluation(*, params: dict, metrics: dict, corpus_hash: str, files: list[Path], uri: str | None = None) -> str:
+    """Log an evaluation run (``risk evaluate``); returns the run id."""
+    import mlflow
+
+    setup(uri)
+    with mlflow.start_run(run_name="evaluate") as run:
+        mlflow.log_params({k: v for k, v in params.items() if v is not None})
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("corpus_hash", corpus_hash)
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="evaluation")
+    return run.info.run_id
+
+
+# ==================================================================== model URIs
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` → (name, version, alias)."""
+    m = _URI_RE.match(uri.strip())
+    if not m:
+        raise TrackingError(f"{uri!r} is not a registered-model URI: use models:/NAME/VERSION or models:/NAME@ALIAS")
+    return m["name"], m["version"], m["alias"]
+
+
+def resolve_version(uri: str, client=None):
+    """The registry's ModelVersion for ``uri``; ``TrackingError`` for an unknown model/version/alias."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient()
+    name, version, alias = parse_model_uri(uri)
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        if not version.isdigit():
+            raise TrackingError(f"{uri}: version must be a number, got {version!r}")
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise TrackingError(f"{uri}: registered model {name!r} has no {what} (or does not exist)") from e
+
+
+def load_pytorch_model(uri: str):
+    """Load a registered MLflow PyTorch model (after checking its flavour)."""
+    import mlflow
+
+    mv = resolve_version(uri)
+    pinned = f"models:/{mv.name}/{mv.version}"
+    try:
+        flavors = mlflow.models.get_model_info(pinned).flavors
+    except Exception as e:  # noqa: BLE001 - missing/garbled MLmodel comes as several types
+        raise TrackingError(f"{uri}: cannot read the model's MLmodel ({e.__class__.__name__})") from e
+    if "pytorch" not in flavors:
+        raise TrackingError(f"{uri} is not a PyTorch model (flavours: {', '.join(sorted(flavors))}); "
+                            "log the network with mlflow.pytorch.log_model")
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(pinned, map_location="cpu")
+    return model, mv
+
+
+def tag_version(mv, tags: dict, client=None) -> None:
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(mv.name, mv.version, k, str(v))
+
+
+def all_versions(name: str, client=None) -> list[str]:
+    """Every version of a registered model, as models:/NAME/VERSION URIs, oldest first."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    vs = client.search_model_versions(f"name = '{name}'")
+    if not vs:
+        raise TrackingError(f"no registered model named {name!r} (or it has no versions)")
+    return [f"models:/{name}/{v.version}" for v in sorted(vs, key=lambda v: int(v.version))]
+
+
+def download_predictor(uri: str):
+    """A registered divergence-risk pyfunc → (local predictor directory, registry version)."""
+    import mlflow
+
+    mv = resolve_version(uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}"))
+    pred = local / "artifacts" / "predictor"
+    if not pred.exists():
+        raise TrackingError(f"{uri} is not a divergence-risk predictor (no artifacts/predictor in the model)")
+    return pred, mv

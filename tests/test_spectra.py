@@ -1,0 +1,60 @@
+"""Kreiss constant and κ(V) against brute force and theory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featurize import eigenvector_condition, kreiss_constant
+
+
+def brute_force_kreiss(A: np.ndarray, n_theta: int = 1500, n_r: int = 1500) -> float:
+    """sup over a fine polar grid of (|z|−1)‖(zI−A)⁻¹‖₂, z = (1+t)e^{iθ}, no cleverness."""
+    d = A.shape[0]
+    theta = np.linspace(0, 2 * np.pi, n_theta, endpoint=False)
+    t = np.geomspace(1e-5, 1e3, n_r)
+    z = (1 + t[None, :]) * np.exp(1j * theta[:, None])
+    M = z[..., None, None] * np.eye(d) - A  # (n_theta, n_r, d, d)
+    smin = np.linalg.svd(M, compute_uv=False)[..., -1]
+    return float(np.max(t[None, :] / smin))
+
+
+def test_normal_contraction_has_kreiss_one(rng):
+    Q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    A = Q @ np.diag([0.9, 0.5, -0.3, 0.2, 0.7, 0.0]) @ Q.T  # symmetric, ρ < 1
+    assert kreiss_constant(A) == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("lam,eps", [(0.5, 1.0), (0.8, 0.6), (0.0, 1.0)])
+def test_jordan_block_matches_brute_force_grid(lam, eps):
+    d = 4
+    A = lam * np.eye(d) + eps * np.eye(d, k=1)
+    K = kreiss_constant(A)
+    ref = brute_force_kreiss(A, n_theta=360, n_r=2500)
+    assert K == pytest.approx(ref, rel=1e-3)
+    powers = [np.linalg.norm(np.linalg.matrix_power(A, k), 2) for k in range(0, 400)]
+    assert K <= max(powers) * (1 + 1e-9)
+    assert max(powers) <= np.e * d * K
+
+
+def test_non_normal_random_matrix_matches_brute_force(rng):
+    d = 5
+    A = np.triu(rng.standard_normal((d, d)))
+    A[np.diag_indices(d)] = rng.uniform(-0.9, 0.9, d)
+    K = kreiss_constant(A)
+    assert K == pytest.approx(brute_force_kreiss(A, n_theta=720, n_r=1500), rel=1e-3)
+    powers = [np.linalg.norm(np.linalg.matrix_power(A, k), 2) for k in range(0, 600)]
+    assert K <= max(powers) * (1 + 1e-9) <= np.e * d * K * (1 + 1e-9)
+
+
+def test_expansive_operator_is_rescaled_to_a_finite_value():
+    A = np.diag([2.0, 0.5])  # ρ = 2: K(A) = ∞, K(A/2) = 1 (normal)
+    assert kreiss_constant(A) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_eigenvector_condition():
+    assert eigenvector_condition(np.eye(4)) == pytest.approx(1.0)
+    V = np.array([[1.0, 1.0], [0.0, 1e-3]])
+    V = V / np.linalg.norm(V, axis=0)
+    s = np.linalg.svd(V, compute_uv=False)
+    assert eigenvector_condition(V) == pytest.approx(s[0] / s[1])
+    assert eigenvector_condition(V) > 1e3
