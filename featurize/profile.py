@@ -25,11 +25,19 @@ PROFILE_COLUMNS: list[str] = [
 AGGREGATED: list[str] = [
     "m_exp", "m_near", "m_mid", "m_con", "rho", "kappa_v", "kreiss", "eta_nl", "reliable_fraction",
 ]
+CAP = 1e12  # κ(V) and Kreiss are capped here so that features stay finite (ours)
 DEGENERATE_UPDATE = 1e-4  # ‖Y − X‖_F / ‖X‖_F below this: residual branch is (nearly) off
 
 
-def layer_stats(X: np.ndarray, Y: np.ndarray, *, rank: int | None = 32, seed: int = 0) -> dict:
-    """Every profile column for one layer's snapshots ``X, Y`` of shape (d, N)."""
+def layer_stats(
+    X: np.ndarray, Y: np.ndarray, *, rank: int | None = 32, seed: int = 0,
+    kreiss_grid: tuple[int, int] | None = None,
+) -> dict:
+    """Every profile column for one layer's snapshots ``X, Y`` of shape (d, N).
+
+    ``kreiss_grid`` = (n_theta, n_r) of the Kreiss search's polar grid (default: the function's).
+    """
+    kgrid = {} if kreiss_grid is None else dict(n_theta=int(kreiss_grid[0]), n_r=int(kreiss_grid[1]))
     res = dmd(X, Y, rank=rank, seed=seed)
     lam = res.eigenvalues
     rel = res.reliable
@@ -39,8 +47,8 @@ def layer_stats(X: np.ndarray, Y: np.ndarray, *, rank: int | None = 32, seed: in
     row = dict(
         **masses,
         rho=spectral_radius(lam),
-        kappa_v=eigenvector_condition(res.V),
-        kreiss=kreiss_constant(res.A),
+        kappa_v=min(eigenvector_condition(res.V), CAP),
+        kreiss=min(kreiss_constant(res.A, **kgrid), CAP),
         eta_nl=res.eta_nl,
         reliable_fraction=float(rel.mean()),
         degenerate=bool(update < DEGENERATE_UPDATE),
@@ -178,12 +186,12 @@ class SpectralProfile:
 
 def profile_snapshots(
     snaps: "_capture.Snapshots", *, rank: int | None = 32, seed: int = 0, progress=None,
-    meta: dict | None = None,
+    meta: dict | None = None, kreiss_grid: tuple[int, int] | None = None,
 ) -> SpectralProfile:
     """Profile already-collected snapshots (one row per layer)."""
     rows = []
     for i, (name, X, Y) in enumerate(zip(snaps.names, snaps.X, snaps.Y)):
-        row = layer_stats(X, Y, rank=rank, seed=seed)
+        row = layer_stats(X, Y, rank=rank, seed=seed, kreiss_grid=kreiss_grid)
         rows.append(dict(layer=i, name=name, **row))
         if progress is not None:
             progress(i + 1)
@@ -199,6 +207,7 @@ def profile(
     seed: int = 0,
     rank: int | None = 32,
     input_shape: tuple[int, ...] | None = None,
+    kreiss_grid: tuple[int, int] | None = None,
     progress=None,
 ) -> SpectralProfile:
     """Koopman spectral profile of ``model`` at its current weights, from one forward pass.
@@ -215,6 +224,8 @@ def profile(
         Token states per layer (N).
     rank : int or None, default 32
         Rank of the randomized DMD (the paper's recipe); ``None`` for full DMD.
+    kreiss_grid : (int, int), optional
+        (n_theta, n_r) of the Kreiss search's polar grid; coarser is faster (refinement follows).
     progress : callable, optional
         ``progress(stage, done, total)`` for progress bars.
 
@@ -242,7 +253,7 @@ def profile(
     )
     L = len(snaps.names)
     return profile_snapshots(
-        snaps, rank=rank, seed=seed,
+        snaps, rank=rank, seed=seed, kreiss_grid=kreiss_grid,
         progress=(lambda done: progress("spectra", done, L)) if progress else None,
         meta=dict(blocks=name, n_samples=n_samples, seed=seed, rank=rank),
     )

@@ -19,6 +19,32 @@ The differentiable DMD follows ``featurize.dmd`` (DESIGN §3): centre X and Y on
 project onto the top-r principal directions of X (randomized range finder, computed without
 gradient), whiten within that subspace, ``Â = Ỹ X̃ᵀ (X̃ X̃ᵀ + ridge)⁻¹``, eigenvalues by
 ``torch.linalg.eigvals``. Snapshots here are rows, ``(N, d)``, as they come out of a forward pass.
+The snapshots are first divided by their RMS (a common scalar, so the eigenvalues are unchanged).
+``rank=None``, or ``rank ≥ d``, uses the full numerical rank (exact eigen-decomposition of the
+covariance, no randomization).
+
+Bounded gradient **(ours)**. Each layer's loss ℓ is invariant to scaling X and Y together, so its
+natural gradient scale is ℓ'/‖(X, Y)‖; whitening, however, multiplies the gradient in the
+low-variance directions of X by 1/σ_min, and on the residual stream of LayerNorm models (large,
+anisotropic, harmlessly growing) this produced penalty gradients of ~3e3 that tripped the sweep
+trainer's divergence check (grad norm > 500) on their own. The gradient reaching the snapshots is
+therefore rescaled, by one common factor (direction kept), so that
+
+    ‖(∂ℓ/∂X, ∂ℓ/∂Y)‖_F · ‖(X, Y)‖_F ≤ G,    G = ``max_grad`` = 1 by default,
+
+and a non-finite gradient is zeroed. The eigenvalues and the loss value are untouched.
+
+The mean direction. With ``center=True`` (default, as DESIGN §3) the operator is fitted to the
+centred states, so growth of the mean token state across a block is invisible to it; with
+``center=False`` the fit is Y ≈ Â X without intercept and the mean's growth appears as an
+eigenvalue. Rank-r truncation likewise misses growth in low-variance directions (``rank=None`` sees
+them). Neither option lowered divergence in our CPU pilots (No-Norm, d = 64, L = 4, AdamW at lr
+1.5e-2 and 2e-2): every variant we tried was within the run-to-run spread that a negligible
+perturbation (α = 1e-4) also produces, and strong settings (α = 1, every step; also with the
+penalty restricted to each block's own parameters) made nearly every run diverge. In those models
+the blocks are strongly expansive (ρ 2–4) by step 25 in runs that train fine, because the stream
+starts tiny and the tied head needs it large: the penalty fights what the task needs. See
+``benchmarks/results/kss.json``.
 """
 from __future__ import annotations
 
@@ -40,6 +66,9 @@ TAU_LOWER = 0.90  # τ_l: lower edge of the near-unit band
 #: Cap on ‖∂L/∂Â‖_F relative to ‖∂L/∂λ‖₂. The two are equal for a normal Â; a near-defective Â
 #: (ill-conditioned eigenvectors) would otherwise turn a modest penalty into a gradient spike.
 MAX_GRAD_GAIN = 30.0
+#: Bound G on the penalty's gradient reaching the snapshots (see ``kss_loss``):
+#: ‖∂ℓ/∂(X, Y)‖_F · ‖(X, Y)‖_F ≤ G for each layer's loss ℓ.
+MAX_SNAPSHOT_GRAD = 1.0
 POWER_ITERATIONS = 2
 OVERSAMPLE = 10
 
@@ -99,9 +128,9 @@ def _principal_basis(
         Q = torch.linalg.qr(Xc.T @ omega.T)[0]  # (d, k)
         for _ in range(POWER_ITERATIONS):
             Q = torch.linalg.qr(Xc.T @ (Xc @ Q))[0]
-        Ub, s, _ = torch.linalg.svd(Q.T @ Xc.T, full_matrices=False)  # (k, k), (k,)
-        evecs = Q @ Ub[:, :rank]  # (d, rank)
-        evals = s[:rank] ** 2 / (n - 1)
+        B = Xc @ Q  # (N, k)
+        evals, Ub = torch.linalg.eigh(B.T @ B / (n - 1))  # (k,), (k, k), ascending
+        evals, evecs = evals.flip(0)[:rank], Q @ Ub.flip(1)[:, :rank]  # (rank,), (d, rank)
     keep = evals > RANK_RTOL * evals[0].clamp_min(1e-300)
     return evecs[:, keep], (evals[keep].clamp_min(0) + ridge).rsqrt()
 
@@ -124,6 +153,37 @@ def _guard_gradient(A: torch.Tensor, lam: torch.Tensor) -> None:
     A.register_hook(on_A)
 
 
+class _BoundGradient(torch.autograd.Function):
+    """Identity on (X, Y); on the way back, zero a non-finite gradient and rescale (gX, gY) by one
+    common factor so that ``‖(gX, gY)‖_F · ‖(X, Y)‖_F ≤ limit`` (the direction is kept)."""
+
+    @staticmethod
+    def forward(ctx, X, Y, limit):
+        ctx.limit = float(limit)
+        ctx.size = float(torch.sqrt((X.detach() ** 2).sum() + (Y.detach() ** 2).sum()))
+        return X.view_as(X), Y.view_as(Y)
+
+    @staticmethod
+    def backward(ctx, gX, gY):
+        gX = torch.zeros_like(gX) if gX is None else gX
+        gY = torch.zeros_like(gY) if gY is None else gY
+        finite = torch.isfinite(gX).all() & torch.isfinite(gY).all()
+        gX = torch.where(finite, gX, torch.zeros_like(gX))
+        gY = torch.where(finite, gY, torch.zeros_like(gY))
+        norm = torch.sqrt((gX ** 2).sum() + (gY ** 2).sum())
+        factor = torch.clamp(ctx.limit / (ctx.size * norm + 1e-30), max=1.0)
+        return gX * factor, gY * factor, None
+
+
+def bound_gradient(X: torch.Tensor, Y: torch.Tensor, limit: float = MAX_SNAPSHOT_GRAD):
+    """Pass (X, Y) through unchanged; cap the gradient that flows back into them.
+
+    The backward pass rescales ``(∂ℓ/∂X, ∂ℓ/∂Y)`` by one common factor ≤ 1 so that
+    ``‖(∂ℓ/∂X, ∂ℓ/∂Y)‖_F ≤ limit / ‖(X, Y)‖_F``, and zeroes a non-finite gradient.
+    """
+    return _BoundGradient.apply(X, Y, limit)
+
+
 def dmd_eigenvalues(
     X: torch.Tensor, Y: torch.Tensor, *, rank: int | None = 32, center: bool = True, seed: int = 0
 ) -> torch.Tensor:
@@ -137,8 +197,8 @@ def dmd_eigenvalues(
         Number r of eigenvalues (``min(r, d, N − 1)``, fewer when X is rank-deficient); ``None``
         keeps the whole numerical range.
     center : bool, default True
-        Subtract each matrix's own mean row first (DESIGN §3). ``False`` keeps the mean direction,
-        so growth of the residual stream's mean shows up as an eigenvalue.
+        Centre X and Y on their own means first (DESIGN §3). ``False`` keeps the mean, so that a
+        growth of the mean token state shows up as an eigenvalue (the affine-free fit Y ≈ Â X).
     seed : int, default 0
         Seed of the randomized range finder.
 
@@ -163,8 +223,11 @@ def dmd_eigenvalues(
         raise ValueError(f"rank must be a positive int or None, got {rank}")
     X = X.to(torch.float64)
     Y = Y.to(torch.float64)
-    Xc = X - X.mean(dim=0, keepdim=True) if center else X  # (N, d)
-    Yc = Y - Y.mean(dim=0, keepdim=True) if center else Y  # (N, d)
+    if center:
+        X = X - X.mean(dim=0, keepdim=True)  # (N, d)
+        Y = Y - Y.mean(dim=0, keepdim=True)  # (N, d)
+    scale0 = torch.sqrt((X.detach() ** 2).mean()).clamp_min(1e-300)  # RMS; leaves λ unchanged
+    Xc, Yc = X / scale0, Y / scale0  # (N, d)
     gen = torch.Generator().manual_seed(seed)
     P, scale = _principal_basis(Xc.detach(), min(rank or d, d), gen)  # (d, m), (m,)
     m = P.shape[1]
@@ -186,9 +249,10 @@ def kss_loss(
     Y: torch.Tensor,
     *,
     rank: int | None = 32,
+    center: bool = True,
     gamma: float = 0.4,
     beta: float = 1.0,
-    center: bool = True,
+    max_grad: float | None = MAX_SNAPSHOT_GRAD,
     seed: int = 0,
 ) -> torch.Tensor:
     """KSS loss of one layer from its snapshot pairs (not yet multiplied by α).
@@ -198,11 +262,14 @@ def kss_loss(
     X, Y : Tensor of shape (N, d)
         Token states entering and leaving the block.
     rank : int or None, default 32
-        Rank r of the randomized DMD.
-    gamma, beta : float
-        Target soft near-unit mass γ and weight β of the mass term (see ``band_penalty``).
+        Rank r of the randomized DMD (``None``: full numerical rank).
     center : bool, default True
         Centre the snapshots first (see ``dmd_eigenvalues``).
+    gamma, beta : float
+        Target soft near-unit mass γ and weight β of the mass term (see ``band_penalty``).
+    max_grad : float or None, default ``MAX_SNAPSHOT_GRAD`` (1.0)
+        Bound G on the gradient reaching the snapshots: ``‖∂ℓ/∂(X, Y)‖_F ≤ G / ‖(X, Y)‖_F`` (one
+        common rescaling, direction kept; see ``bound_gradient``). ``None`` leaves it unbounded.
     seed : int, default 0
         Seed of the randomized range finder.
 
@@ -224,6 +291,8 @@ def kss_loss(
     if not (torch.isfinite(X).all() and torch.isfinite(Y).all()):
         return Y.new_zeros(())
     zero = (Y.sum() * 0.0) if Y.requires_grad else Y.new_zeros(())
+    if max_grad is not None:
+        X, Y = bound_gradient(X, Y, max_grad)
     try:
         lam = dmd_eigenvalues(X, Y, rank=rank, center=center, seed=seed)
     except torch.linalg.LinAlgError:
@@ -237,10 +306,10 @@ def kss_loss(
 class KoopmanSpectralShaping:
     """Adds the KSS regularizer to a training loop through forward hooks on the residual blocks.
 
-    On every ``every``-th step (counted by calls to ``penalty()``, starting with the first), the
-    hooks keep ``n_tokens`` randomly chosen token states (with their autograd graph) entering and
-    leaving a random ``layer_fraction`` of the blocks; ``penalty()`` turns them into
-    ``alpha · mean_l kss_loss(X_l, Y_l)``. On the other steps the hooks return at once and
+    On every ``every``-th step (counted by calls to ``penalty()``, starting with the first),
+    forward hooks on a random ``layer_fraction`` of the blocks keep ``n_tokens`` randomly chosen
+    token states entering and leaving each, with their autograd graph; ``penalty()`` turns them into
+    ``alpha · mean_l kss_loss(X_l, Y_l)``. On the other steps no hook is attached (no overhead) and
     ``penalty()`` is a zero tensor. Snapshots are taken only from forward passes run with
     gradients enabled, so evaluation under ``torch.no_grad()`` is left alone.
 
@@ -251,8 +320,8 @@ class KoopmanSpectralShaping:
         Weight α of the regularizer (``0`` turns it off).
     every : int, default 10
         Apply the penalty on one step in ``every``.
-    rank : int, default 32
-        Rank r of the randomized DMD (``min(r, d)``).
+    rank : int or None, default 32
+        Rank r of the randomized DMD (``min(r, d)``; ``None``: full rank).
     layer_fraction : float, default 0.5
         Fraction of the blocks sampled at each application (at least one block).
     n_tokens : int, default 256
@@ -265,8 +334,10 @@ class KoopmanSpectralShaping:
         Dotted name of the block container; discovered with ``featurize.capture.find_blocks``.
     seed : int, default 0
         Seeds the layer and token sampling and the range finder.
-    center : bool, default True
-        Centre the snapshots before the DMD (DESIGN §3); see ``dmd_eigenvalues``.
+    center : bool, default True (keyword-only)
+        Centre the snapshots (``False``: the mean token state is part of the fitted operator).
+    max_grad : float or None, default 1.0 (keyword-only)
+        Bound G on each layer's penalty gradient reaching its snapshots (see ``kss_loss``).
 
     Raises
     ------
@@ -289,21 +360,26 @@ class KoopmanSpectralShaping:
         model: nn.Module,
         alpha: float = 0.15,
         every: int = 10,
-        rank: int = 32,
+        rank: int | None = 32,
         layer_fraction: float = 0.5,
         n_tokens: int = 256,
         gamma: float = 0.4,
         beta: float = 1.0,
         blocks: str | None = None,
         seed: int = 0,
+        *,
         center: bool = True,
+        max_grad: float | None = MAX_SNAPSHOT_GRAD,
     ) -> None:
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
+                                 or rank < 1):
+            raise ValueError(f"rank must be an int >= 1 or None, got {rank!r}")
+        if max_grad is not None and not (isinstance(max_grad, (int, float)) and max_grad > 0):
+            raise ValueError(f"max_grad must be a number > 0 or None, got {max_grad!r}")
         if not 0 < layer_fraction <= 1:
             raise ValueError(f"layer_fraction must be in (0, 1], got {layer_fraction!r}")
         if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or n_tokens < 2:
@@ -315,21 +391,21 @@ class KoopmanSpectralShaping:
         self.container, self.blocks = find_blocks(model, blocks)
         self.alpha = float(alpha)
         self.every = int(every)
-        self.rank = int(rank)
+        self.rank = None if rank is None else int(rank)
+        self.center = bool(center)
+        self.max_grad = None if max_grad is None else float(max_grad)
+
         self.layer_fraction = float(layer_fraction)
         self.n_tokens = int(n_tokens)
         self.gamma = float(gamma)
         self.beta = float(beta)
         self.seed = int(seed)
-        self.center = bool(center)
         self._rng = np.random.default_rng(seed)
         self._step = 0
+        self._removed = False
         self._sampled: set[int] = set()
         self._snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = [
-            b.register_forward_hook(self._make_hook(i), with_kwargs=True)
-            for i, b in enumerate(self.blocks)
-        ]
+        self._handles: list = []
         self._plan_step()
 
     @property
@@ -340,15 +416,26 @@ class KoopmanSpectralShaping:
     @property
     def active(self) -> bool:
         """Whether the penalty applies on the current step."""
-        return self.alpha > 0 and self._step % self.every == 0
+        return self.alpha > 0 and not self._removed and self._step % self.every == 0
 
     def _plan_step(self) -> None:
-        self._snapshots.clear()
-        self._sampled = set()
+        """Hook the blocks sampled for the current step; no hooks at all on the other steps."""
+        self._detach()
         if self.active:
             L = len(self.blocks)
             k = max(1, math.ceil(L * self.layer_fraction - 1e-9))
             self._sampled = {int(i) for i in self._rng.choice(L, size=k, replace=False)}
+            self._handles = [
+                self.blocks[i].register_forward_hook(self._make_hook(i), with_kwargs=True)
+                for i in sorted(self._sampled)
+            ]
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._snapshots.clear()
+        self._sampled = set()
 
     def _make_hook(self, i: int):
         def hook(module, args, kwargs, output):
@@ -396,14 +483,16 @@ class KoopmanSpectralShaping:
                     "after the forward pass (run with gradients enabled)"
                 )
             losses = [
-                kss_loss(X, Y, rank=self.rank, gamma=self.gamma, beta=self.beta, center=self.center,
+                kss_loss(X, Y, rank=self.rank, center=self.center, gamma=self.gamma,
+                         beta=self.beta, max_grad=self.max_grad,
                          seed=self.seed + 1000003 * self._step + i)
                 for i, (X, Y) in sorted(self._snapshots.items())
             ]
             return self.alpha * torch.stack(losses).mean()
         finally:
             self._step += 1
-            self._plan_step()
+            if not self._removed:
+                self._plan_step()
 
     def _zero(self) -> torch.Tensor:
         p = next((p for b in self.blocks for p in b.parameters()), None)
@@ -412,12 +501,9 @@ class KoopmanSpectralShaping:
         return torch.zeros((), dtype=p.dtype, device=p.device)
 
     def remove(self) -> None:
-        """Detach the hooks and drop any kept snapshots."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._snapshots.clear()
-        self._sampled = set()
+        """Detach the hooks and drop any kept snapshots; ``penalty()`` is zero from then on."""
+        self._detach()
+        self._removed = True
 
     def __enter__(self) -> "KoopmanSpectralShaping":
         return self
@@ -428,6 +514,7 @@ class KoopmanSpectralShaping:
     def __repr__(self) -> str:
         return (
             f"KoopmanSpectralShaping(alpha={self.alpha}, every={self.every}, rank={self.rank}, "
+            f"center={self.center}, max_grad={self.max_grad}, "
             f"layer_fraction={self.layer_fraction}, n_tokens={self.n_tokens}, gamma={self.gamma}, "
-            f"beta={self.beta}, center={self.center}, blocks={self.container!r} ({len(self.blocks)} blocks), step={self._step})"
+            f"beta={self.beta}, blocks={self.container!r} ({len(self.blocks)} blocks), step={self._step})"
         )
