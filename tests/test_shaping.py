@@ -8,7 +8,13 @@ from torch import nn
 
 import featurize
 from featurize.dmd import dmd
-from featurize.shaping import KoopmanSpectralShaping, band_penalty, dmd_eigenvalues, kss_loss
+from featurize.shaping import (
+    MAX_SNAPSHOT_GRAD,
+    KoopmanSpectralShaping,
+    band_penalty,
+    dmd_eigenvalues,
+    kss_loss,
+)
 
 T, TAU_U, TAU_L = 20.0, 1.05, 0.90
 
@@ -123,6 +129,72 @@ def test_kss_loss_gradient_is_finite_even_for_repeated_eigenvalues():
         assert torch.isfinite(X.grad).all()
 
 
+def test_uncentred_dmd_matches_plain_least_squares_and_sees_mean_growth():
+    # Y = 0.5 (X − μ) + 2 μ: every centred eigenvalue is 0.5, but the mean grows ×2 per block
+    rng = np.random.default_rng(3)
+    d, n = 6, 500
+    mu = 3.0 * rng.standard_normal(d)
+    X = mu + rng.standard_normal((n, d))
+    Y = 0.5 * (X - X.mean(0)) + 2.0 * X.mean(0)
+    centred = dmd_eigenvalues(torch.tensor(X), torch.tensor(Y), rank=None).numpy()
+    ours = dmd_eigenvalues(torch.tensor(X), torch.tensor(Y), rank=None, center=False).numpy()
+    ref = np.linalg.eigvals(np.linalg.lstsq(X, Y, rcond=None)[0].T)  # Y ≈ X Âᵀ, no intercept
+    np.testing.assert_allclose(np.abs(centred), 0.5, atol=1e-8)
+    np.testing.assert_allclose(np.sort_complex(ours), np.sort_complex(ref), atol=1e-8)
+    assert np.abs(ours).max() > 1.5
+
+
+def snapshot_grad_norm(X, Y, **kwargs):
+    X = X.clone().requires_grad_(True)
+    Y = Y.clone().requires_grad_(True)
+    kss_loss(X, Y, **kwargs).backward()
+    return torch.cat([X.grad.flatten(), Y.grad.flatten()])
+
+
+def test_penalty_gradient_on_snapshots_is_bounded_as_documented():
+    # Ill-conditioned X (variances 1e4 … 1e-4) and an expansive map: the whitening makes the
+    # unbounded gradient large; the bound is ‖∂ℓ/∂(X, Y)‖_F ≤ G / ‖(X, Y)‖_F, direction kept.
+    torch.manual_seed(0)
+    d, n = 12, 256
+    X = torch.randn(n, d, dtype=torch.float64) * torch.logspace(2, -2, d, dtype=torch.float64)
+    Y = X @ (1.6 * torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]).T
+    size = float(torch.sqrt((X ** 2).sum() + (Y ** 2).sum()))
+    free = snapshot_grad_norm(X, Y, max_grad=None)
+    for G in (MAX_SNAPSHOT_GRAD, 0.01):
+        bounded = snapshot_grad_norm(X, Y, max_grad=G)
+        assert float(free.norm()) > 10 * G / size  # the bound is active here
+        assert float(bounded.norm()) == pytest.approx(G / size, rel=1e-9)
+        cosine = float(bounded @ free / (bounded.norm() * free.norm()))
+        assert cosine == pytest.approx(1.0, abs=1e-9)
+    # a gradient already within the bound is left alone
+    loose = 2 * float(free.norm()) * size
+    torch.testing.assert_close(snapshot_grad_norm(X, Y, max_grad=loose), free, rtol=0, atol=0)
+
+
+def layernorm_block_gradients(max_grad):
+    torch.manual_seed(1)
+    d, n = 32, 256
+    X = (torch.randn(n, d) * torch.logspace(2, -1, d)).requires_grad_(True)  # large, anisotropic
+    lin = nn.Linear(d, d)
+    Y = X + lin(nn.functional.layer_norm(X, (d,)))  # pre-LN style: an O(1) branch on an O(100) stream
+    loss = kss_loss(X, Y, rank=None, max_grad=max_grad)
+    loss.backward()
+    size = float(torch.sqrt((X.detach() ** 2).sum() + (Y.detach() ** 2).sum()))
+    return float(loss.detach()), float(X.grad.norm()) * size
+
+
+def test_bound_keeps_the_gradient_of_layernorm_like_blocks_in_check():
+    # Whitening makes the stream's low-variance directions look expansive (ℓ > 1) and, unbounded,
+    # multiplies the gradient by 1/σ_min. Bounded, the gradient reaching X is the capped ∂ℓ/∂X plus
+    # ∂ℓ/∂Y passed back through the block: the identity path (≤ G) and the LayerNorm path, which
+    # is small for a large stream, so ‖∂ℓ/∂X‖·‖(X, Y)‖ stays within 1.5 G.
+    loss_free, free = layernorm_block_gradients(None)
+    loss, bounded = layernorm_block_gradients(MAX_SNAPSHOT_GRAD)
+    assert loss == loss_free > 1  # the bound leaves the loss value alone
+    assert free > 1000 * MAX_SNAPSHOT_GRAD
+    assert bounded <= 1.5 * MAX_SNAPSHOT_GRAD
+
+
 def test_kss_loss_of_non_finite_snapshots_is_zero():
     X = torch.randn(64, 4)
     Y = X.clone()
@@ -232,8 +304,10 @@ def test_training_loop_applies_penalty_every_k_steps_on_half_the_layers():
     seen = []
     for step in range(7):
         idx = torch.randint(0, 32, (4, 12))
+        hooked = sum(len(b._forward_hooks) for b in model.blocks)
         logits = model(idx)
         captured = sorted(kss._snapshots)
+        assert hooked == (2 if step % 3 == 0 else 0)  # no hooks at all on the other steps
         task = nn.functional.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten())
         pen = kss.penalty()
         loss = task + pen
@@ -254,6 +328,8 @@ def test_training_loop_applies_penalty_every_k_steps_on_half_the_layers():
     assert kss._snapshots == {}
     kss.remove()
     assert all(len(b._forward_hooks) == 0 for b in model.blocks)
+    model(torch.randint(0, 32, (2, 12)))
+    assert float(kss.penalty()) == 0.0  # removed: off for good
 
 
 def test_penalty_before_any_forward_pass_says_so():
@@ -280,7 +356,8 @@ def test_alpha_zero_is_off():
         (dict(alpha=-0.1), "alpha must be a finite number >= 0, got -0.1"),
         (dict(every=0), "every must be an int >= 1, got 0"),
         (dict(every=2.5), "every must be an int >= 1, got 2.5"),
-        (dict(rank=0), "rank must be an int >= 1"),
+        (dict(rank=0), "rank must be an int >= 1 or None"),
+        (dict(max_grad=0.0), "max_grad must be a number > 0 or None"),
         (dict(layer_fraction=0.0), "layer_fraction must be in"),
         (dict(n_tokens=1), "n_tokens must be an int >= 2"),
         (dict(gamma=1.5), "gamma must be in"),
