@@ -78,6 +78,7 @@ class RunConfig:
     # init profile
     profile_samples: int = 512
     profile_rank: int = 32
+    kreiss_grid: str = "61x18"    # "THETAxR" polar grid of the Kreiss search; "" = featurizer default
 
     def model_args(self) -> dict:
         """``zoo.build_model`` arguments for this run."""
@@ -103,6 +104,12 @@ def _coerce(key: str, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SweepSpecError(f"{key} must be a number, got {value!r}")
         return float(value)
+    if key == "kreiss_grid":
+        ok = isinstance(value, str) and (value == "" or (
+            len(value.split("x")) == 2 and all(p.isdigit() and int(p) >= 2 for p in value.split("x"))))
+        if not ok:
+            raise SweepSpecError(f"kreiss_grid must be 'THETAxR' (e.g. '61x18') or '', got {value!r}")
+        return value
     if key in _CHOICES and value not in _CHOICES[key]:
         raise SweepSpecError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
     return value
@@ -231,8 +238,8 @@ def parse_spec(data: dict, source: str = "") -> SweepSpec:
             raise SweepSpecError(f"{key}: empty list of values")
         grid[key] = [_coerce(key, v) for v in vals]
         for v in grid[key]:  # one-key checks (lr <= 0, ...) on every listed value
-            _raise_first(RunConfig(**{key: v}), [c for c in _single_checks(RunConfig(**{key: v}))
-                                                 if c[0] == key])
+            one = RunConfig(**{key: v})
+            _raise_first(one, [c for c in _single_checks(one) if c[0] == key])
     sampler = data.get("sampler", "lhs")
     if sampler not in SAMPLERS:
         raise SweepSpecError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")

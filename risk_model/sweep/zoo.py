@@ -82,12 +82,12 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(kind: str, d: int) -> nn.Module:
-    """The normalisation layer a given placement uses (Identity for ``none``)."""
+    """``"ln"`` → LayerNorm, ``"rmsnorm"`` → RMSNorm, ``"none"`` → Identity."""
+    if kind not in ("ln", "rmsnorm", "none"):
+        raise ValueError(f"norm layer kind must be ln, rmsnorm or none, got {kind!r}")
     if kind == "none":
         return nn.Identity()
-    if kind == "rmsnorm":
-        return RMSNorm(d)
-    return nn.LayerNorm(d)
+    return RMSNorm(d) if kind == "rmsnorm" else nn.LayerNorm(d)
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,7 +96,7 @@ class CausalSelfAttention(nn.Module):
         d = cfg.d_model
         self.n_heads = cfg.n_heads
         self.c_attn = nn.Linear(d, 3 * d)
-        self.inner_norm = make_norm("layernorm", d) if cfg.norm == "subln" else nn.Identity()
+        self.inner_norm = make_norm("ln", d) if cfg.norm == "subln" else nn.Identity()
         self.c_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ class MLP(nn.Module):
         super().__init__()
         d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
         self.c_fc = nn.Linear(d, h)
-        self.inner_norm = make_norm("layernorm", h) if cfg.norm == "subln" else nn.Identity()
+        self.inner_norm = make_norm("ln", h) if cfg.norm == "subln" else nn.Identity()
         self.c_proj = nn.Linear(h, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,8 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed mixture of GELU MLPs (Shazeer et al. 2017), computed densely (tiny models)."""
+    """Top-k routed mixture of GELU MLPs (Shazeer et al. 2017): each token goes to its k
+    highest-scoring experts, weighted by the softmax of those k router logits."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -133,11 +134,17 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router(x)                                          # (B, T, E)
-        top, idx = logits.topk(self.top_k, dim=-1)                       # (B, T, k)
-        gates = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))  # (B, T, E), k nonzero
-        out = torch.stack([e(x) for e in self.experts], dim=-1)          # (B, T, d, E)
-        return (out * gates.unsqueeze(-2)).sum(-1)                       # (B, T, d)
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)                                   # (N, d)
+        top, idx = self.router(flat).topk(self.top_k, dim=-1)        # (N, k), (N, k)
+        gates = top.softmax(-1)                                      # (N, k)
+        out = torch.zeros_like(flat)                                 # (N, d)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)            # tokens routed to e
+            if tok.numel():
+                y = expert(flat[tok]) * gates[tok, slot].unsqueeze(-1)  # (n_e, d)
+                out = out.index_add(0, tok, y)
+        return out.view(B, T, C)                                     # (B, T, d)
 
 
 class KANLayer(nn.Module):
@@ -158,9 +165,9 @@ class KANLayer(nn.Module):
 class KANMLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        d, h = cfg.d_model, 2 * cfg.d_model
+        d, h = cfg.d_model, cfg.d_model * max(1, cfg.mlp_ratio // 2)  # basis expansion costs ×G
         self.c_fc = KANLayer(d, h, cfg.kan_grid)
-        self.inner_norm = make_norm("layernorm", h) if cfg.norm == "subln" else nn.Identity()
+        self.inner_norm = make_norm("ln", h) if cfg.norm == "subln" else nn.Identity()
         self.c_proj = KANLayer(h, d, cfg.kan_grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
