@@ -173,25 +173,33 @@ def dmd(
         raise ValueError("snapshots have zero variance: nothing to decompose")
     lam, V = np.linalg.eig(A)
     V = V / np.linalg.norm(V, axis=0, keepdims=True)
-    residuals = resdmd_residuals(Xt, Yt, lam, V)
-    fit = np.linalg.norm(Yt - A @ Xt)
-    moved = np.linalg.norm(Yt - Xt)
-    eta = float(fit / (moved + 1e-12))
+    E = Yt - A @ Xt  # (m, N) linear-fit error
+    residuals = resdmd_residuals(Xt @ Xt.T, E @ E.T, lam, V)
+    eta = float(np.linalg.norm(E) / (np.linalg.norm(Yt - Xt) + 1e-12))
     return DMDResult(A=A, eigenvalues=lam, V=V, residuals=residuals, eta_nl=eta, rank=m)
 
 
-def resdmd_residuals(Xt: np.ndarray, Yt: np.ndarray, lam: np.ndarray, V: np.ndarray) -> np.ndarray:
+def resdmd_residuals(G: np.ndarray, EEt: np.ndarray, lam: np.ndarray, V: np.ndarray) -> np.ndarray:
     """ResDMD residual of each mode: ‖u_j*(Ỹ − λ_j X̃)‖₂ / (‖u_j* X̃‖₂ + 1e-12).
 
     ``u_j`` are left eigenvectors (rows of ``V⁻¹``); the residual is the relative linear-fit error
-    along the mode, 0 for an exactly linear layer.
+    along the mode, 0 for an exactly linear layer. Since u_j* Â = λ_j u_j*, the numerator equals
+    ‖u_j* E‖ with E = Ỹ − ÂX̃, so only the Gram matrices are needed:
+
+    Parameters
+    ----------
+    G : ndarray of shape (m, m)
+        X̃ X̃ᵀ.
+    EEt : ndarray of shape (m, m)
+        E Eᵀ of the fit error E = Ỹ − ÂX̃.
+    lam : ndarray of shape (m,)
+    V : ndarray of shape (m, m)
+        Right eigenvectors.
     """
     try:
         U = np.linalg.inv(V)  # (m, m), row j is u_j*
     except np.linalg.LinAlgError:
         U = np.linalg.pinv(V)
-    UX = U @ Xt  # (m, N)
-    UY = U @ Yt  # (m, N)
-    num = np.linalg.norm(UY - lam[:, None] * UX, axis=1)
-    den = np.linalg.norm(UX, axis=1) + 1e-12
+    num = np.sqrt(np.maximum(((U @ EEt) * U.conj()).sum(axis=1).real, 0.0))
+    den = np.sqrt(np.maximum(((U @ G) * U.conj()).sum(axis=1).real, 0.0)) + 1e-12
     return num / den

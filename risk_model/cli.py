@@ -108,8 +108,10 @@ def profile_table(prof) -> "object":
     cols = [("layer", "d"), ("name", "s"), ("m_exp", ".3f"), ("m_near", ".3f"), ("m_mid", ".3f"),
             ("m_con", ".3f"), ("rho", ".3f"), ("kappa_v", ".3g"), ("kreiss", ".3g"), ("eta_nl", ".3f"),
             ("reliable_fraction", ".2f"), ("degenerate", "s")]
+    heads = dict(m_exp="M>1", m_near="M≈1", m_mid="Mmid", m_con="M<1", rho="ρ", kappa_v="κ(V)",
+                 kreiss="Kreiss", eta_nl="η_nl", reliable_fraction="reliable", degenerate="degen.")
     for name, _ in cols:
-        table.add_column(name.replace("reliable_fraction", "reliable"), justify="right")
+        table.add_column(heads.get(name, name), justify="right", no_wrap=True)
     for row in prof.layers.to_dict("records"):
         cells = []
         for name, fmt in cols:
@@ -179,7 +181,7 @@ def profile_cmd(
         return
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(profile_table(prof))
     a = prof.aggregates
     console.print(
@@ -190,6 +192,332 @@ def profile_cmd(
         console.print(f"[yellow]degenerate layers (update ≈ 0, excluded from aggregates): {prof.degenerate_layers}[/]")
     if plot is not None:
         console.print(f"plot written to {plot}")
+
+
+# ==================================================================== predict / score
+LrOpt = typer.Option(None, "--lr", help="Training learning rate; repeat for several. Without it: the paper's config-free estimate.")
+OptimizerOpt = typer.Option("adamw", "--optimizer", help="Training optimizer (one the predictor was trained on).")
+WarmupOpt = typer.Option(None, "--warmup", help="Warmup steps (default: the training corpus's median).")
+BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default: the training corpus's median).")
+StepsOpt = typer.Option(None, "--steps", help="Training steps (default: the training corpus's median).")
+PredictorOpt = typer.Option(None, "--predictor", help="Predictor directory or registered MLflow model URI (models:/NAME@ALIAS); default: the shipped one in models/.")
+ThresholdOpt = typer.Option(0.2, "--threshold", help="P(divergence) under which a learning rate counts as safe.")
+
+
+def _check_lrs(lrs: Optional[list[float]]) -> list[float]:
+    import math
+
+    lrs = list(lrs or [])
+    for v in lrs:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--lr must be a positive number, got {v:g}")
+    return lrs
+
+
+def _load_predictor(predictor: Optional[str]):
+    """The served bundle: shipped default (no mlflow import), a directory, or a models:/ URI."""
+    from risk_model.predictor import load_bundle
+
+    if predictor and predictor.startswith(("models:/", "runs:/")):
+        from risk_model import tracking
+
+        tracking.connect(must_exist=True)
+        path, mv = tracking.download_predictor(predictor)
+        bundle = load_bundle(path)
+        bundle.source, bundle.name, bundle.version = predictor, mv.name, str(mv.version)
+        return bundle
+    return load_bundle(Path(predictor) if predictor else None)
+
+
+def _profile_for(model_obj, bundle, *, blocks, inputs, input_shape):
+    from featurize import profile
+
+    settings = bundle.metadata.get("profile_settings") or {}
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"--input-shape must look like 64,128 (got {input_shape!r})") from None
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from risk_model.sweep.trainer import kreiss_grid
+
+    bar = LazyProgress()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # per-layer matrices are small (d × N): one BLAS/torch thread is faster than several, and far
+        # faster on a shared machine (measured: 7 s vs 20 s for d=256, L=6 on 2 busy cores)
+        with threadpool_limits(limits=1, user_api="blas"), kreiss_grid(str(settings.get("kreiss_grid") or "")):
+            return profile(model_obj, inputs, blocks=blocks, n_samples=int(settings.get("n_samples", 2048)),
+                           seed=int(settings.get("seed", 0)), rank=settings.get("rank", 32) or None,
+                           input_shape=shape, progress=bar)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+
+
+def _print_assessment(out: dict, prof, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console.print(f"[bold]{out['model']}[/]")
+    t = Table(title="P(divergence)")
+    for c in ("learning rate", "P(divergence)", "risk"):
+        t.add_column(c, justify="right")
+    colour = {"low": "green", "medium": "yellow", "high": "red"}
+    for p in out["predictions"]:
+        t.add_row("—" if p["lr"] is None else f"{p['lr']:.3g}", f"{p['p_divergence']:.3f}",
+                  f"[{colour[p['risk']]}]{p['risk']}[/]")
+    console.print(t)
+    if out["max_safe_lr"] is not None:
+        console.print(f"largest safe learning rate (P < threshold): {out['max_safe_lr']:.3g}")
+    console.print(profile_table(prof))
+    a = prof.aggregates
+    console.print(f"M≈1 mean {a['m_near_mean']:.3f}   ρ max {a['rho_max']:.3f}   κ(V) max {a['kappa_v_max']:.3g}   "
+                  f"Kreiss max {a['kreiss_max']:.3g}   layers {a['n_layers']}")
+    pr = out["predictor"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    console.print(f"predictor {pr['name']} {pr['version']} ({pr['method']}): held-out AUROC {fmt(pr['auroc'])}, "
+                  f"ECE {fmt(pr['ece'])}")
+    for w in out["warnings"]:
+        console.print(f"[yellow]warning: {w}[/]")
+    for r in out["recommendation"]:
+        console.print(f"recommendation: {r}")
+
+
+def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batch_size, steps, threshold,
+                  blocks, inputs, input_shape):
+    from risk_model.features import infer_width
+    from risk_model.predictor import assess
+
+    prof = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape)
+    out = assess(prof, bundle=bundle, width=infer_width(model_obj), lrs=lrs, optimizer=optimizer, warmup=warmup,
+                 batch_size=batch_size, steps=steps, threshold=threshold)
+    return {"model": label, **out}, prof
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    model: Path = ModelArg,
+    lr: Optional[list[float]] = LrOpt,
+    optimizer: str = OptimizerOpt,
+    warmup: Optional[int] = WarmupOpt,
+    batch_size: Optional[int] = BatchOpt,
+    steps: Optional[int] = StepsOpt,
+    predictor: Optional[str] = PredictorOpt,
+    threshold: float = ThresholdOpt,
+    blocks: Optional[str] = BlocksOpt,
+    inputs: Optional[Path] = InputsOpt,
+    input_shape: Optional[str] = ShapeOpt,
+    trust_pickle: bool = TrustOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each layer's eigenvalues."),
+) -> None:
+    """P(divergence) of training MODEL at each --lr, the largest safe LR, and the profile behind it."""
+    from risk_model.loading import load_model
+    from risk_model.predictor import PredictorError
+
+    lrs = _check_lrs(lr)
+    _check_output_path(plot, ".png")
+    if not 0 < threshold < 1:
+        raise ValueError(f"--threshold must be in (0, 1), got {threshold}")
+    try:
+        bundle = _load_predictor(predictor)
+        model_obj = load_model(model, trust_pickle=trust_pickle)
+        out, prof = _assess_model(model_obj, str(model), bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
+                                  batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
+                                  inputs=inputs, input_shape=input_shape)
+    except PredictorError as e:
+        fail(str(e))
+    if plot is not None:
+        prof.plot(plot, title=f"{model.name}: DMD eigenvalues per layer")
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    else:
+        _print_assessment(out, prof)
+        if plot is not None:
+            typer.echo(f"plot written to {plot}")
+
+
+@app.command("score")
+@user_errors
+def score_cmd(
+    model_uri: Optional[str] = typer.Argument(None, help="Registered PyTorch model: models:/NAME/VERSION or models:/NAME@ALIAS."),
+    all_versions: Optional[str] = typer.Option(None, "--all", help="Score every version of this registered model."),
+    lr: Optional[list[float]] = LrOpt,
+    optimizer: str = OptimizerOpt,
+    warmup: Optional[int] = WarmupOpt,
+    batch_size: Optional[int] = BatchOpt,
+    steps: Optional[int] = StepsOpt,
+    predictor: Optional[str] = PredictorOpt,
+    threshold: float = ThresholdOpt,
+    blocks: Optional[str] = BlocksOpt,
+    input_shape: Optional[str] = ShapeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Profile registered MLflow PyTorch model(s), predict, and tag each model version with the result.
+
+    Tags: divergence_risk.p, divergence_risk.risk, divergence_risk.predictor_version (the p at the
+    first --lr, or the config-free estimate).
+    """
+    from risk_model import tracking
+    from risk_model.predictor import PredictorError
+
+    lrs = _check_lrs(lr)
+    if (model_uri is None) == (all_versions is None):
+        raise ValueError("give exactly one of MODEL_URI or --all NAME")
+    try:
+        tracking.connect(must_exist=True)
+        uris = tracking.all_versions(all_versions) if all_versions else [model_uri]
+        for u in uris:
+            tracking.parse_model_uri(u)
+        bundle = _load_predictor(predictor)
+        results = []
+        for u in uris:  # everything is computed before any tag is written
+            model_obj, mv = tracking.load_pytorch_model(u)
+            out, prof = _assess_model(model_obj, u, bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
+                                      batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
+                                      inputs=None, input_shape=input_shape)
+            results.append((mv, out, prof))
+    except PredictorError as e:
+        fail(str(e))
+    for mv, out, _ in results:
+        first = out["predictions"][0]
+        tags = {tracking.TAG_P: f"{first['p_divergence']:.6f}", tracking.TAG_RISK: first["risk"],
+                tracking.TAG_VERSION: f"{out['predictor']['name']}/{out['predictor']['version']}"}
+        if first["lr"] is not None:
+            tags["divergence_risk.lr"] = f"{first['lr']:g}"
+        tracking.tag_version(mv, tags)
+    if as_json:
+        payload = [o for _, o, _ in results]
+        typer.echo(json.dumps(payload[0] if model_uri else payload, indent=2))
+        return
+    for mv, out, prof in results:
+        _print_assessment(out, prof)
+        typer.echo(f"tagged {mv.name} version {mv.version}")
+
+
+# ==================================================================== train / evaluate
+CorpusOpt = typer.Option(..., "--corpus", help="Corpus directory (runs.parquet + layers.parquet); repeat to add new sweep data.")
+
+
+def _load_corpus_verbose(corpus: list[Path]):
+    from risk_model.corpus import load_corpus
+
+    c = load_corpus(list(corpus))
+    for rep in c.reports:
+        for line in rep.lines():
+            typer.echo(line, err=True)
+    return c
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    corpus: list[Path] = CorpusOpt,
+    out: Path = typer.Option(Path("models/default"), "--out", help="Where the trained predictor bundle is written."),
+    calibration: str = typer.Option("platt", "--calibration", help="Calibrator of the XGBoost predictor: isotonic or platt."),
+    n_splits: int = typer.Option(5, "--n-splits", help="Grouped-CV folds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the folds and the trees."),
+    rounds: int = typer.Option(300, "--rounds", help="Boosting rounds of the XGBoost predictor."),
+    promote: bool = typer.Option(False, "--promote", help="Move the alias champion to this version even if its held-out metrics are worse."),
+    track: bool = typer.Option(True, "--track/--no-track", help="Log to MLflow and register the model."),
+) -> None:
+    """Train the config-aware and config-free predictors, write them to --out, log and register them in MLflow."""
+    import shutil
+    import tempfile
+
+    from risk_model.evaluate import evaluate_corpus, flat_metrics
+    from risk_model.predictor import CALIBRATIONS, train_bundle
+
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    if n_splits < 2:
+        raise ValueError(f"--n-splits must be at least 2, got {n_splits}")
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}")
+    xgb_params = {"num_boost_round": rounds}
+    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a predictor bundle: choose another --out")
+    c = _load_corpus_verbose(corpus)
+    if c.runs["diverged"].nunique() < 2:
+        raise ValueError("the corpus holds one class only: need diverged and stable runs")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        res = evaluate_corpus(c, out_dir=tmp / "evaluation", n_splits=n_splits, seed=seed,
+                              calibration=calibration, holdouts=(), baselines=False, xgb_params=xgb_params)
+        bundle = train_bundle(c, res["summary"], calibration=calibration, n_splits=n_splits, seed=seed,
+                              xgb_params=xgb_params)
+        staged = bundle.save(tmp / "bundle")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(staged, out)
+        xs = res["summary"]["xgboost"]
+        typer.echo(f"trained on {len(c.runs)} runs (corpus {c.hash[:12]}): grouped-CV AUROC {xs['auroc']:.4f} "
+                   f"[{xs['auroc_lo']:.4f}, {xs['auroc_hi']:.4f}], ECE {xs['ece']:.4f}; written to {out}")
+        if track:
+            from risk_model import tracking
+
+            params = dict(calibration=calibration, n_splits=n_splits, seed=seed, rounds=rounds, n_runs=len(c.runs),
+                          corpus=",".join(map(str, corpus)), corpus_hash=c.hash, predictor_version=bundle.version,
+                          n_samples=c.profile_settings["n_samples"], rank=c.profile_settings["rank"])
+            rec = tracking.log_training(bundle_dir=out, params=params, metrics=flat_metrics(res),
+                                        heldout={k: xs[k] for k in ("auroc", "ece", "brier")}, corpus_hash=c.hash,
+                                        files=res["files"], promote=promote)
+            typer.echo(f"MLflow run {rec.run_id}; registered {tracking.MODEL_NAME} version {rec.version}; "
+                       f"champion {'moved' if rec.promoted else 'kept'} ({rec.reason})")
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    corpus: list[Path] = CorpusOpt,
+    out: Path = typer.Option(Path("reports"), "--out", help="Directory for evaluation.md, roc.png, reliability.png."),
+    calibration: str = typer.Option("platt", "--calibration", help="Calibrator of the XGBoost predictor: isotonic or platt."),
+    n_splits: int = typer.Option(5, "--n-splits", help="Grouped-CV folds."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the AUROC CI."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the folds, the trees and the bootstrap."),
+    track: bool = typer.Option(True, "--track/--no-track", help="Log the evaluation to MLflow."),
+) -> None:
+    """Grouped CV, leave-one-family/norm-out, baselines table, ROC and reliability plots → --out and MLflow."""
+    from risk_model.evaluate import evaluate_corpus, flat_metrics
+    from risk_model.predictor import CALIBRATIONS
+
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    if n_splits < 2 or n_boot < 1:
+        raise ValueError(f"--n-splits must be >= 2 and --n-boot >= 1, got {n_splits} and {n_boot}")
+    c = _load_corpus_verbose(corpus)
+    bar = LazyProgress()
+    try:
+        res = evaluate_corpus(c, out_dir=out, n_splits=n_splits, n_boot=n_boot, seed=seed, calibration=calibration,
+                              progress=bar)
+    finally:
+        bar.close()
+    for r in res["table"]:
+        typer.echo(f"{r['name']:<50} AUROC {r['auroc']:.4f} [{r['auroc_lo']:.4f}, {r['auroc_hi']:.4f}]  "
+                   f"ECE {r['ece']:.4f}  Brier {r['brier']:.4f}")
+    typer.echo(f"report written to {out / 'evaluation.md'}")
+    if track:
+        from risk_model import tracking
+
+        run_id = tracking.log_evaluation(
+            params=dict(calibration=calibration, n_splits=n_splits, n_boot=n_boot, seed=seed, n_runs=len(c.runs),
+                        corpus=",".join(map(str, corpus))),
+            metrics=flat_metrics(res), corpus_hash=c.hash, files=res["files"])
+        typer.echo(f"MLflow run {run_id}")
+
+
+# ==================================================================== sweep
+from risk_model.sweep.cli import sweep_command  # noqa: E402 - light: typer and pathlib only
+
+app.command("sweep")(sweep_command)
 
 
 def main() -> None:  # pragma: no cover

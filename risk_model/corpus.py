@@ -48,20 +48,27 @@ def aggregate_columns() -> list[str]:
     return [f"{c}_{s}" for c in _aggregated() for s in ("mean", "max", "min", "std")]
 
 
-def aggregate_layers(layers: pd.DataFrame) -> pd.DataFrame:
+def aggregate_layers(layers: pd.DataFrame, *, extra_only: bool = False) -> pd.DataFrame:
     """Per-run profile aggregates from a long layer table, by ``featurize.profile.aggregate``'s rule.
 
     Parameters
     ----------
-    layers : DataFrame with ``run_id``, ``degenerate`` and the ``AGGREGATED`` columns,
-        one row per (run, layer)
+    layers : DataFrame with ``run_id``, ``degenerate`` and the ``AGGREGATED`` columns (and,
+        when present, ``features.EXTRA_AGGREGATED``), one row per (run, layer)
+    extra_only : aggregate only ``EXTRA_AGGREGATED`` (missing columns give NaN)
 
     Returns
     -------
-    DataFrame indexed by run_id with ``aggregate_columns()`` plus ``n_degenerate`` (the run's
-    ``n_layers`` comes from the runs table as a config column and is not duplicated here)
+    DataFrame indexed by run_id with ``aggregate_columns()``, the ``EXTRA_AGGREGATED`` aggregates and
+    ``n_degenerate`` (the run's ``n_layers`` comes from the runs table as a config column)
     """
-    cols = _aggregated()
+    from .features import EXTRA_AGGREGATED
+
+    layers = layers.copy()
+    for c in EXTRA_AGGREGATED:
+        if c not in layers:
+            layers[c] = np.nan
+    cols = (EXTRA_AGGREGATED if extra_only else _aggregated() + EXTRA_AGGREGATED)
     deg = layers["degenerate"].astype(bool)
     all_deg = deg.groupby(layers["run_id"]).transform("all")
     use = layers[~deg | all_deg].copy()  # every layer when all are degenerate, as aggregate() does
@@ -75,7 +82,8 @@ def aggregate_layers(layers: pd.DataFrame) -> pd.DataFrame:
     for c in cols:
         for s in ("mean", "max", "min", "std"):
             out[f"{c}_{s}"] = parts[s][c]
-    out["n_degenerate"] = deg.groupby(layers["run_id"]).sum().reindex(out.index).astype(int)
+    if not extra_only:
+        out["n_degenerate"] = deg.groupby(layers["run_id"]).sum().reindex(out.index).astype(int)
     return out
 
 
@@ -112,11 +120,15 @@ class Corpus:
 
     @property
     def profile_settings(self) -> dict:
-        """n_samples / rank the corpus profiles were made with (the sweep's defaults when absent)."""
-        out = {"n_samples": 512, "rank": 32, "seed": 0}
+        """n_samples / rank / Kreiss search grid the corpus profiles were made with (the sweep's
+        defaults when absent). The probe seed varied with the run seed in the sweep; 0 is used at
+        predict time."""
+        out = {"n_samples": 512, "rank": 32, "seed": 0, "kreiss_grid": ""}
         for col, key in (("profile_samples", "n_samples"), ("profile_rank", "rank")):
             if col in self.runs and self.runs[col].notna().any():
                 out[key] = int(self.runs[col].mode().iloc[0])
+        if "kreiss_grid" in self.runs and self.runs["kreiss_grid"].notna().any():
+            out["kreiss_grid"] = str(self.runs["kreiss_grid"].mode().iloc[0])
         return out
 
 
@@ -128,10 +140,26 @@ def corpus_hash(runs: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _read_parts(parts: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """A sweep still running: its finished runs are ``parts/<run_id>.runs.parquet`` (+ ``.layers``)."""
+    run_files = sorted(parts.glob("*.runs.parquet"))
+    runs = pd.concat([pd.read_parquet(f) for f in run_files], ignore_index=True)
+    layer_files = [f.with_name(f.name.replace(".runs.", ".layers.")) for f in run_files]
+    layer_frames = [pd.read_parquet(f) for f in layer_files if f.exists()]
+    return runs, (pd.concat(layer_frames, ignore_index=True) if layer_frames else None)
+
+
 def read_source(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """``(runs, layers)`` of a corpus directory (or a runs.parquet path); layers may be None."""
+    """``(runs, layers)`` of a corpus directory (or a runs.parquet path); layers may be None.
+
+    A sweep folder without a consolidated runs.parquet yet is read from its ``parts/``.
+    Per-step curves (list columns) are dropped: nothing here uses them.
+    """
     path = Path(path)
     runs_path = path / "runs.parquet" if path.is_dir() else path
+    if not runs_path.exists() and path.is_dir() and any((path / "parts").glob("*.runs.parquet")):
+        runs, layers = _read_parts(path / "parts")
+        return runs.drop(columns=[c for c in ("loss_curve", "grad_norm_curve") if c in runs]), layers
     if not runs_path.exists():
         raise CorpusError(f"{path}: no runs.parquet (give a corpus directory made by `risk sweep`)")
     try:
@@ -140,7 +168,7 @@ def read_source(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         raise CorpusError(f"{runs_path}: not a readable parquet file ({e.__class__.__name__})") from e
     layers_path = runs_path.with_name("layers.parquet")
     layers = pd.read_parquet(layers_path) if layers_path.exists() else None
-    return runs, layers
+    return runs.drop(columns=[c for c in ("loss_curve", "grad_norm_curve") if c in runs]), layers
 
 
 def check_columns(runs: pd.DataFrame, layers: pd.DataFrame | None, source: str) -> None:

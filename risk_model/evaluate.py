@@ -91,7 +91,8 @@ def bootstrap_auroc_diff_ci(y, s_a, s_b, n_boot: int = 1000, seed: int = 0) -> t
 
 
 def ece(y, p, n_bins: int = 10) -> float:
-    """Expected calibration error of P(diverged) over ``n_bins`` equal-width bins (netcal)."""
+    """Expected calibration error of P(diverged) (netcal): Σ_b (n_b/n)·|observed rate_b − mean p_b| over
+    ``n_bins`` equal-width bins [e_k, e_k+1) with edges ``np.linspace(0, 1, n_bins + 1)``."""
     from netcal.metrics import ECE
 
     return float(ECE(bins=n_bins).measure(np.asarray(p, dtype=float), np.asarray(y).astype(int)))
@@ -139,6 +140,7 @@ class Candidate:
     optional raw score (higher = riskier) ranked without fitting."""
 
     name: str
+    key: str  # short ASCII name (MLflow metric prefix)
     fit_predict: Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
     raw: Callable[[pd.DataFrame], np.ndarray] | None = None
     group: str = "baseline"
@@ -152,11 +154,15 @@ def _raw_column(col: str):
     return f
 
 
+def _neg(raw):
+    return lambda df: -raw(df)
+
+
 def _log_lr(df: pd.DataFrame) -> np.ndarray:
     return np.log10(df["lr"].astype(float).to_numpy())
 
 
-def _iso_candidate(name: str, raw, group="baseline") -> Candidate:
+def _iso_candidate(name: str, key: str, raw, group="baseline") -> Candidate:
     def fit_predict(tr: pd.DataFrame, te: pd.DataFrame) -> np.ndarray:
         s_tr = np.nan_to_num(raw(tr), posinf=1e300)
         s_te = np.nan_to_num(raw(te), posinf=1e300)
@@ -164,10 +170,10 @@ def _iso_candidate(name: str, raw, group="baseline") -> Candidate:
         if len(np.unique(ytr)) < 2:
             return np.full(len(te), ytr.mean())
         return np.clip(_isotonic_apply(s_te, *_fit_isotonic(s_tr, ytr)), P_CLIP, 1 - P_CLIP)
-    return Candidate(name, fit_predict, raw, group)
+    return Candidate(name, key, fit_predict, raw, group)
 
 
-def _logistic_candidate(name: str, cols: Callable[[pd.DataFrame], pd.DataFrame]) -> Candidate:
+def _logistic_candidate(name: str, key: str, cols: Callable[[pd.DataFrame], pd.DataFrame]) -> Candidate:
     def fit_predict(tr: pd.DataFrame, te: pd.DataFrame) -> np.ndarray:
         from sklearn.linear_model import LogisticRegression
 
@@ -178,7 +184,7 @@ def _logistic_candidate(name: str, cols: Callable[[pd.DataFrame], pd.DataFrame])
             return np.full(len(te), ytr.mean())
         m = LogisticRegression(C=1.0, max_iter=2000).fit(Xtr.to_numpy(float), ytr)
         return np.clip(m.predict_proba(Xte.to_numpy(float))[:, 1], P_CLIP, 1 - P_CLIP)
-    return Candidate(name, fit_predict, None, "baseline")
+    return Candidate(name, key, fit_predict, None, "baseline")
 
 
 def _lr_norm(df: pd.DataFrame) -> pd.DataFrame:
@@ -187,7 +193,7 @@ def _lr_norm(df: pd.DataFrame) -> pd.DataFrame:
     return out.set_axis(df.index)
 
 
-def _predictor_candidate(name: str, group: str, **kwargs) -> Candidate:
+def _predictor_candidate(name: str, key: str, group: str, **kwargs) -> Candidate:
     def fit_predict(tr: pd.DataFrame, te: pd.DataFrame) -> np.ndarray:
         ytr = tr["diverged"].to_numpy()
         if len(np.unique(ytr)) < 2:
@@ -195,23 +201,31 @@ def _predictor_candidate(name: str, group: str, **kwargs) -> Candidate:
         est = RiskPredictor(**kwargs).fit(tr, ytr, groups=tr["config_id"].to_numpy())
         return est.predict_proba(te)[:, 1]
     raw = _raw_column(kwargs.get("score", "m_near_mean")) if kwargs.get("method") == "isotonic" else None
-    return Candidate(name, fit_predict, raw, group)
+    return Candidate(name, key, fit_predict, raw, group)
 
 
-def candidates(calibration: str = "isotonic", xgb_params: dict | None = None) -> list[Candidate]:
-    """The predictors and the paper's Table 2 baselines, in table order."""
+def candidates(calibration: str = "platt", xgb_params: dict | None = None) -> list[Candidate]:
+    """The predictors and the paper's Table 2 baselines, in table order (the served two first, the
+    ``log LR + one-hot(norm)`` baseline last)."""
+    other = "isotonic" if calibration == "platt" else "platt"
     return [
-        _predictor_candidate("M≈1 (layer mean), isotonic — paper", "predictor", method="isotonic"),
-        _predictor_candidate("XGBoost profile + config, calibrated — ours", "predictor", method="xgboost",
-                             calibration=calibration, xgb_params=xgb_params),
-        _iso_candidate("Spectral radius ρ (max over layers)", _raw_column("rho_max"), "spectral"),
-        _iso_candidate("Eigenvector condition κ(V) (max over layers)", _raw_column("kappa_v_max"), "spectral"),
-        _iso_candidate("Gradient norm, step 1", _raw_column("grad_norm_step1"), "gradient"),
-        _iso_candidate("Gradient norm, step 100", _raw_column("grad_norm_step100"), "gradient"),
-        _iso_candidate("Gradient-norm variance, steps 1–100", _raw_column("grad_norm_var_1_100"), "gradient"),
-        _iso_candidate("Loss spikes, steps 1–500", _raw_column("loss_spikes_1_500"), "gradient"),
-        _iso_candidate("log LR alone", _log_lr, "config"),
-        _logistic_candidate("log LR + one-hot(norm), logistic", _lr_norm),
+        _predictor_candidate("M≈1 (layer mean), isotonic — paper", "isotonic", "predictor", method="isotonic"),
+        _predictor_candidate("XGBoost profile + config, calibrated — ours", "xgboost", "predictor",
+                             method="xgboost", calibration=calibration, xgb_params=xgb_params),
+        _predictor_candidate(f"XGBoost profile + config, {other} calibration instead", f"xgboost_{other}",
+                             "predictor", method="xgboost", calibration=other, xgb_params=xgb_params),
+        _iso_candidate("M≈1 (layer mean) reversed: lower = riskier (direction read off the data)",
+                       "m_near_reversed", _neg(_raw_column("m_near_mean")), "spectral"),
+        _iso_candidate("Spectral radius ρ (max over layers)", "rho_max", _raw_column("rho_max"), "spectral"),
+        _iso_candidate("Eigenvector condition κ(V) (max over layers)", "kappa_v_max", _raw_column("kappa_v_max"),
+                       "spectral"),
+        _iso_candidate("Gradient norm, step 1", "grad_norm_step1", _raw_column("grad_norm_step1"), "gradient"),
+        _iso_candidate("Gradient norm, step 100", "grad_norm_step100", _raw_column("grad_norm_step100"), "gradient"),
+        _iso_candidate("Gradient-norm variance, steps 1–100", "grad_norm_var_1_100",
+                       _raw_column("grad_norm_var_1_100"), "gradient"),
+        _iso_candidate("Loss spikes, steps 1–500", "loss_spikes_1_500", _raw_column("loss_spikes_1_500"), "gradient"),
+        _iso_candidate("log LR alone", "log_lr", _log_lr, "config"),
+        _logistic_candidate("log LR + one-hot(norm), logistic", "log_lr_norm", _lr_norm),
     ]
 
 
@@ -225,14 +239,17 @@ def cross_val_proba(cand: Candidate, runs: pd.DataFrame, splits) -> np.ndarray:
 
 # ==================================================================== the whole evaluation
 def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits: int = 5, n_boot: int = 1000,
-                    seed: int = 0, calibration: str = "isotonic", xgb_params: dict | None = None,
-                    holdouts: tuple[str, ...] = ("family", "norm"), progress=None) -> dict:
+                    seed: int = 0, calibration: str = "platt", xgb_params: dict | None = None,
+                    holdouts: tuple[str, ...] = ("family", "norm"), baselines: bool = True,
+                    progress=None) -> dict:
     """Run every candidate under grouped CV and the leave-one-group-out protocols.
 
     Parameters
     ----------
     corpus : Corpus (or anything with ``.runs`` and ``.hash``)
     out_dir : directory for evaluation.md, roc.png, reliability.png (None: write nothing)
+    baselines : bool, default True
+        False: only the two predictors and ``log LR + one-hot(norm)`` (what ``risk train`` needs)
 
     Returns
     -------
@@ -246,6 +263,8 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
         raise ValueError("the corpus holds one class only: cannot evaluate a divergence predictor")
     splits = grouped_splits(runs["config_id"], n_splits=n_splits, seed=seed)
     cands = candidates(calibration, xgb_params)
+    if not baselines:
+        cands = cands[:2] + cands[-1:]
     table, oof = [], {}
     for i, c in enumerate(cands):
         if progress:
@@ -255,7 +274,7 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
         raw = c.raw(runs) if c.raw is not None else None
         m = score_metrics(y, p, score=None if raw is None else np.nan_to_num(raw, posinf=1e300),
                           n_boot=n_boot, seed=seed)
-        m.update(name=c.name, group=c.group, auroc_of="score as is" if raw is not None else "held-out P")
+        m.update(name=c.name, key=c.key, group=c.group, auroc_of="score as is" if raw is not None else "held-out P")
         if raw is not None:
             m["auroc_heldout_p"] = auroc(y, p)
         table.append(m)
@@ -268,9 +287,8 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
             row = dict(heldout=value, n=int(len(te)), n_pos=int(y[te].sum()))
             for c in cands[:2] + [cands[-1]]:
                 p = c.fit_predict(runs.iloc[tr], runs.iloc[te])
-                key = "isotonic" if "paper" in c.name else "xgboost" if "XGBoost" in c.name else "lr_norm"
-                row[f"auroc_{key}"] = auroc(y[te], p)
-                row[f"ece_{key}"] = ece(y[te], p)
+                row[f"auroc_{c.key}"] = auroc(y[te], p)
+                row[f"ece_{c.key}"] = ece(y[te], p)
             if cands[0].raw is not None:
                 row["auroc_m_near_raw"] = auroc(y[te], cands[0].raw(runs.iloc[te]))
             rows.append(row)
@@ -287,6 +305,15 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
 
 
 # ==================================================================== report
+#: When each predictor's input is available (the paper's Table 2 "timing" column).
+WHEN = {"isotonic": "at init", "xgboost": "at init (+ config)", "m_near_reversed": "at init",
+        "rho_max": "at init", "kappa_v_max": "at init",
+        "xgboost_isotonic": "at init (+ config)", "xgboost_platt": "at init (+ config)",
+        "grad_norm_step1": "after step 1", "grad_norm_step100": "at step 100",
+        "grad_norm_var_1_100": "through step 100", "loss_spikes_1_500": "through step 500 (run length)",
+        "log_lr": "config only", "log_lr_norm": "config only"}
+
+
 def _fmt(v, f=".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)
 
@@ -328,7 +355,7 @@ def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bi
     edges = np.linspace(0, 1, n_bins + 1)
     for name in names:
         p = res["oof"][name]
-        b = np.minimum((p * n_bins).astype(int), n_bins - 1)
+        b = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
         xs, ys = [], []
         for k in range(n_bins):
             m = b == k
@@ -363,16 +390,24 @@ def write_report(res: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
              "folds); every fitted map is fitted on the training folds only. AUROC 95% CI: percentile "
              "bootstrap, 1000 resamples of the runs. ECE: 10 equal-width bins (netcal).")
     L += ["", "## Predictors and the paper's Table 2 baselines (grouped CV)", "",
-          "| predictor | AUROC | 95% CI | AUROC from | ECE | Brier | log-loss |",
-          "|---|---|---|---|---|---|---|"]
+          "| predictor | available | AUROC | 95% CI | AUROC from | ECE | Brier | log-loss |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in res["table"]:
-        L.append(f"| {r['name']} | {_fmt(r['auroc'])} | [{_fmt(r['auroc_lo'])}, {_fmt(r['auroc_hi'])}] | "
+        L.append(f"| {r['name']} | {WHEN.get(r['key'], '')} | {_fmt(r['auroc'])} | "
+                 f"[{_fmt(r['auroc_lo'])}, {_fmt(r['auroc_hi'])}] | "
                  f"{r['auroc_of']} | {_fmt(r['ece'])} | {_fmt(r['brier'])} | {_fmt(r['log_loss'])} |")
     L += ["", "One-dimensional scores are ranked as they are (higher = riskier), as in the paper's Table 2; "
           "their ECE/Brier/log-loss are those of a grouped-CV isotonic map on the score. A run that "
           "diverged before a gradient baseline was measured ranks as the riskiest on that baseline. "
           "Paper (its corpus): M≈1 0.995 [0.986, –], ρ 0.845, grad norm step 1 0.621, loss spikes 0.758, ECE 0.283.",
           ""]
+    if "diverge_step" in runs:
+        ds = pd.to_numeric(runs.loc[runs["diverged"] == 1, "diverge_step"], errors="coerce")
+        if len(ds):
+            early = float((ds < 100).mean())
+            L += [f"Caveat: {100 * early:.0f}% of the diverged runs diverged before step 100 (median step "
+                  f"{ds.median():.0f}), so the step-100 and steps-1–100 gradient baselines have, for those runs, "
+                  "already seen the divergence; the step-1 baseline and the spectral scores have not.", ""]
     c = res["comparison"]
     L.append(f"ΔAUROC ({c['a']} − {c['b']}): {c['delta_auroc']:+.4f}, paired bootstrap 95% CI "
              f"[{c['lo']:+.4f}, {c['hi']:+.4f}].")
@@ -382,12 +417,15 @@ def write_report(res: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
               "AUROC log LR + norm |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             L.append(f"| {r['heldout']} | {r['n']} | {r['n_pos']} | {_fmt(r['auroc_xgboost'])} | "
-                     f"{_fmt(r['ece_xgboost'])} | {_fmt(r['auroc_isotonic'])} | {_fmt(r['auroc_lr_norm'])} |")
-        L.append("")
-        L.append("n/a: the held-out group has one class only, so AUROC is undefined there.")
-    L += ["", "## Divergence rate by norm and learning rate", ""]
-    piv = runs.assign(lr=runs["lr"].map(lambda v: f"{v:.0e}")).pivot_table(
-        index="norm", columns="lr", values="diverged", aggfunc="mean")
+                     f"{_fmt(r['ece_xgboost'])} | {_fmt(r['auroc_isotonic'])} | {_fmt(r['auroc_log_lr_norm'])} |")
+        if any(np.isnan(r["auroc_xgboost"]) for r in rows):
+            L += ["", "n/a: the held-out group has one class only, so AUROC is undefined there."]
+    L += ["", "## Divergence rate by norm and learning rate (fraction of runs; n/a: no runs)", ""]
+    lr = runs["lr"].astype(float)
+    if lr.nunique() > 10:  # continuous rates: half-decade bins
+        lr = 10 ** (np.round(np.log10(lr) * 2) / 2)
+    piv = runs.assign(lr=lr).pivot_table(index="norm", columns="lr", values="diverged", aggfunc="mean")
+    piv.columns = [f"{v:.0e}" for v in piv.columns]
     L.append("| norm | " + " | ".join(piv.columns) + " |")
     L.append("|---" * (len(piv.columns) + 1) + "|")
     for norm, row in piv.iterrows():
@@ -401,9 +439,8 @@ def write_report(res: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
 def flat_metrics(res: dict) -> dict[str, float]:
     """MLflow-ready metric dict (names without spaces)."""
     out = {}
-    keys = {0: "isotonic", 1: "xgboost"}
-    for i, r in enumerate(res["table"]):
-        tag = keys.get(i) or "".join(ch if ch.isalnum() else "_" for ch in r["name"].lower())[:40].strip("_")
+    for r in res["table"]:
+        tag = r["key"]
         for k in ("auroc", "auroc_lo", "auroc_hi", "ece", "brier", "log_loss"):
             v = r[k]
             if v is not None and np.isfinite(v):

@@ -1,7 +1,9 @@
 """Feature matrix: init-time profile aggregates + the training config (DESIGN §8).
 
 The profile does not depend on the learning rate; the label does. So the config-aware predictor
-sees both: the aggregates ``{col}_{mean,max,min,std}`` of ``featurize.AGGREGATED`` plus
+sees both: the aggregates ``{col}_{mean,max,min,std}`` of ``featurize.AGGREGATED`` and of
+``EXTRA_AGGREGATED`` (per-layer columns of the profile that the featurizer does not aggregate:
+the residual update ratio and the masses over all modes; same rule, non-degenerate layers), plus
 ``n_layers``/``n_degenerate``, and the config as ``log10_lr``, ``warmup``, ``log2_batch_size``,
 ``steps``, ``d_model`` (width) and a one-hot of the optimizer (``opt_<name>``, vocabulary fixed at
 fit time).
@@ -17,14 +19,34 @@ import pandas as pd
 
 #: Config features besides the optimizer one-hot, in order.
 CONFIG_FEATURES = ["log10_lr", "warmup", "log2_batch_size", "steps", "d_model"]
+#: Feature magnitudes are clipped here (float32-safe; trees only see the order).
+FEATURE_LIMIT = 1e30
 #: Paper's config-free score.
 PAPER_SCORE = "m_near_mean"
+
+
+#: Per-layer profile columns aggregated here besides ``featurize.AGGREGATED`` (ours).
+EXTRA_AGGREGATED = ["update_ratio", "m_exp_all", "m_near_all", "m_mid_all", "m_con_all"]
+STATS = ("mean", "max", "min", "std")
+
+
+def config_first(name: str) -> int:
+    """Sort key putting config features (the user's knobs) before profile features."""
+    return 0 if name in CONFIG_FEATURES or name.startswith("opt_") else 1
 
 
 def profile_feature_names() -> list[str]:
     from featurize.profile import AGGREGATED
 
-    return [f"{c}_{s}" for c in AGGREGATED for s in ("mean", "max", "min", "std")] + ["n_layers", "n_degenerate"]
+    return [f"{c}_{s}" for c in AGGREGATED + EXTRA_AGGREGATED for s in STATS] + ["n_layers", "n_degenerate"]
+
+
+def profile_aggregates(prof) -> dict:
+    """The profile's own aggregates plus those of ``EXTRA_AGGREGATED``, by the corpus's rule."""
+    from .corpus import aggregate_layers
+
+    extra = aggregate_layers(prof.layers.assign(run_id=0), extra_only=True)
+    return dict(prof.aggregates, **{k: float(v) for k, v in extra.iloc[0].items()})
 
 
 def config_feature_names(optimizers: list[str]) -> list[str]:
@@ -47,24 +69,31 @@ def build_features(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
     Returns
     -------
-    DataFrame of shape (n_rows, len(names)), float, +inf replaced by NaN (missing)
+    DataFrame of shape (n_rows, len(names)), float; ±inf are missing (NaN) and magnitudes are clipped
+    to ``FEATURE_LIMIT`` (κ(V) of a near-defective layer can exceed float32, which XGBoost uses)
     """
-    out = pd.DataFrame(index=table.index)
+    cols: dict[str, np.ndarray] = {}
+    n_rows = len(table)
     for n in names:
         if n == "log10_lr":
-            lr = table["lr"].astype(float)
+            lr = table["lr"].to_numpy(dtype=float)
             if (lr <= 0).any():
-                raise ValueError(f"learning rates must be > 0, got {lr[lr <= 0].iloc[0]}")
-            out[n] = np.log10(lr)
+                raise ValueError(f"learning rates must be > 0, got {lr[lr <= 0][0]}")
+            cols[n] = np.log10(lr)
         elif n == "log2_batch_size":
-            out[n] = np.log2(table["batch_size"].astype(float))
+            cols[n] = np.log2(table["batch_size"].to_numpy(dtype=float))
         elif n.startswith("opt_"):
-            out[n] = (table["optimizer"].astype(str).str.lower() == n[4:]).astype(float)
+            cols[n] = (table["optimizer"].astype(str).str.lower() == n[4:]).to_numpy(dtype=float)
         elif n in table:
-            out[n] = pd.to_numeric(table[n], errors="coerce").astype(float)
+            cols[n] = pd.to_numeric(table[n], errors="coerce").to_numpy(dtype=float)
+        elif n.rsplit("_", 1)[0] in EXTRA_AGGREGATED:
+            cols[n] = np.full(n_rows, np.nan)  # a corpus without a layer table: XGBoost treats it as missing
         else:
             raise ValueError(f"feature {n!r} cannot be built: column missing from the input")
-    return out.replace([np.inf, -np.inf], np.nan)
+    arr = np.column_stack([cols[n] for n in names]) if names else np.empty((n_rows, 0))
+    arr[np.isinf(arr)] = np.nan
+    np.clip(arr, -FEATURE_LIMIT, FEATURE_LIMIT, out=arr)
+    return pd.DataFrame(arr, index=table.index, columns=list(names))
 
 
 def request_table(aggregates: dict, *, lrs: list[float], optimizer: str, warmup: float, batch_size: float,

@@ -19,9 +19,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 MODEL_NAME = "divergence-risk"
 EXPERIMENT = "divergence-risk"
 CHAMPION = "champion"
-#: "not worse": AUROC may drop by at most this much, ECE may rise by at most this much.
+#: "not worse": held-out AUROC may drop by at most this much, held-out Brier score (a proper scoring
+#: rule: calibration and discrimination together) may rise by at most this much.
 AUROC_TOLERANCE = 0.002
-ECE_TOLERANCE = 0.005
+BRIER_TOLERANCE = 0.002
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 TAG_P, TAG_RISK, TAG_VERSION = "divergence_risk.p", "divergence_risk.risk", "divergence_risk.predictor_version"
 _URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
@@ -45,8 +46,12 @@ def artifact_root(uri: str) -> str | None:
     return db.parent.resolve().as_uri()
 
 
-def setup(uri: str | None = None, experiment: str = EXPERIMENT) -> str:
-    """Point mlflow at ``uri`` (default ``tracking_uri()``); create/select the experiment; return its id."""
+def connect(uri: str | None = None, *, must_exist: bool = False) -> str:
+    """Point mlflow's tracking and registry at ``uri`` (default ``tracking_uri()``); returns the URI.
+
+    ``must_exist``: refuse a local sqlite store that is not there yet (reading commands must not
+    create an empty registry as a side effect).
+    """
     import logging
 
     import mlflow
@@ -54,9 +59,19 @@ def setup(uri: str | None = None, experiment: str = EXPERIMENT) -> str:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
     uri = uri or tracking_uri()
-    root = artifact_root(uri)
+    if must_exist and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise TrackingError(f"no MLflow registry at {uri} (set MLFLOW_TRACKING_URI, or run `risk train` first)")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    return uri
+
+
+def setup(uri: str | None = None, experiment: str = EXPERIMENT) -> str:
+    """``connect`` (creating the store if needed), create/select the experiment; return its id."""
+    import mlflow
+
+    uri = connect(uri)
+    root = artifact_root(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         exp_id = mlflow.create_experiment(experiment, artifact_location=f"{root}/{experiment}" if root else None)
@@ -85,17 +100,18 @@ def _champion(client, name: str):
 
 
 def should_promote(new: dict, old: dict | None) -> tuple[bool, str]:
-    """Promote when there is no champion, or the new held-out AUROC/ECE are not worse (tolerances)."""
+    """Promote when there is no champion, or the new held-out AUROC and Brier score are not worse
+    than the champion's (within ``AUROC_TOLERANCE`` / ``BRIER_TOLERANCE``)."""
     if old is None:
         return True, "no champion yet"
     try:
-        oa, oe = float(old["auroc"]), float(old["ece"])
+        oa, ob = float(old["auroc"]), float(old["brier"])
     except (KeyError, TypeError, ValueError):
         return True, "champion has no held-out metrics"
-    na, ne = float(new["auroc"]), float(new["ece"])
-    if na >= oa - AUROC_TOLERANCE and ne <= oe + ECE_TOLERANCE:
-        return True, f"held-out AUROC {na:.4f} vs {oa:.4f}, ECE {ne:.4f} vs {oe:.4f}: not worse"
-    return False, f"held-out AUROC {na:.4f} vs champion {oa:.4f}, ECE {ne:.4f} vs {oe:.4f}: worse, champion kept"
+    na, nb = float(new["auroc"]), float(new["brier"])
+    if na >= oa - AUROC_TOLERANCE and nb <= ob + BRIER_TOLERANCE:
+        return True, f"held-out AUROC {na:.4f} vs {oa:.4f}, Brier {nb:.4f} vs {ob:.4f}: not worse"
+    return False, f"held-out AUROC {na:.4f} vs champion {oa:.4f}, Brier {nb:.4f} vs {ob:.4f}: worse, champion kept"
 
 
 def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict, corpus_hash: str,
@@ -103,7 +119,7 @@ def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict
                  name: str = MODEL_NAME) -> TrainRecord:
     """Log one training run; log the predictor as a models-from-code pyfunc; register; maybe promote.
 
-    ``heldout`` is ``{"auroc": .., "ece": ..}`` of the served predictor under grouped CV.
+    ``heldout`` is ``{"auroc": .., "ece": .., "brier": ..}`` of the served predictor under grouped CV.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -112,8 +128,7 @@ def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict
     with mlflow.start_run(run_name="train") as run:
         mlflow.log_params({k: v for k, v in params.items() if v is not None})
         mlflow.log_metrics({k: v for k, v in metrics.items()})
-        mlflow.set_tags({"corpus_hash": corpus_hash, "heldout.auroc": f"{heldout['auroc']:.6f}",
-                         "heldout.ece": f"{heldout['ece']:.6f}"})
+        mlflow.set_tags({"corpus_hash": corpus_hash, **{f"heldout.{k}": f"{v:.6f}" for k, v in heldout.items()}})
         for f in files:
             mlflow.log_artifact(str(f), artifact_path="evaluation")
         info = mlflow.pyfunc.log_model(
@@ -124,11 +139,11 @@ def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict
         return TrainRecord(run.info.run_id, info.model_uri, None, False, "not registered")
     client = MlflowClient()
     mv = mlflow.register_model(info.model_uri, name)
-    for k, v in {"corpus_hash": corpus_hash, "heldout.auroc": heldout["auroc"], "heldout.ece": heldout["ece"],
-                 "run_id": run.info.run_id}.items():
+    for k, v in {"corpus_hash": corpus_hash, "run_id": run.info.run_id,
+                 **{f"heldout.{k}": v for k, v in heldout.items()}}.items():
         client.set_model_version_tag(name, mv.version, k, str(v))
     champ = _champion(client, name)
-    old = None if champ is None else {"auroc": champ.tags.get("heldout.auroc"), "ece": champ.tags.get("heldout.ece")}
+    old = None if champ is None else {k: champ.tags.get(f"heldout.{k}") for k in ("auroc", "brier")}
     ok, reason = should_promote(heldout, old)
     if promote and not ok:
         ok, reason = True, "promoted by --promote (" + reason + ")"
@@ -192,8 +207,13 @@ def load_pytorch_model(uri: str):
         raise TrackingError(f"{uri} is not a PyTorch model (flavours: {', '.join(sorted(flavors))}); "
                             "log the network with mlflow.pytorch.log_model")
     import mlflow.pytorch
+    import torch
 
     model = mlflow.pytorch.load_model(pinned, map_location="cpu")
+    if isinstance(model, torch.fx.GraphModule):
+        raise TrackingError(
+            f"{uri} was logged as a torch.export program (MLflow's 'pt2' format): its blocks are traced away and "
+            "cannot be hooked; log it with mlflow.pytorch.log_model(..., serialization_format='pickle')")
     return model, mv
 
 
@@ -221,8 +241,15 @@ def download_predictor(uri: str):
     import mlflow
 
     mv = resolve_version(uri)
+    import yaml
+
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}"))
-    pred = local / "artifacts" / "predictor"
-    if not pred.exists():
+    try:
+        conf = yaml.safe_load((local / "MLmodel").read_text())
+        rel = conf["flavors"]["python_function"]["artifacts"]["predictor"]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        rel = None
+    pred = local / rel if rel else None
+    if pred is None or not pred.exists():
         raise TrackingError(f"{uri} is not a divergence-risk predictor (no artifacts/predictor in the model)")
     return pred, mv

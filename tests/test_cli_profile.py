@@ -66,7 +66,7 @@ def test_hf_directory_json_schema_and_plot(hf_dir, tmp_path):
 def test_table_output(hf_dir, tmp_path):
     res = risk("profile", str(hf_dir), "--n-samples", "128", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "m_near" in res.stdout and "GPT2Block[1]" in res.stdout
+    assert "M≈1" in res.stdout and "GPT2Block[1]" in res.stdout
 
 
 def test_pickled_module_needs_trust_flag(tmp_path):

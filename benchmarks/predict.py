@@ -1,0 +1,78 @@
+"""Wall-clock of `risk --help` and `risk predict` from a cold start (fresh processes).
+
+Targets (issue 4): `risk predict` on a 6-layer d=256 checkpoint ≤ 3 s; `risk --help` ≤ 0.5 s.
+
+    python benchmarks/predict.py [--predictor DIR] [--repeats 5]
+
+Writes benchmarks/results/predict.json. Each timing is a separate `risk` process (interpreter start,
+imports, model load, one forward pass, DMD per layer, prediction); the median over repeats is
+reported with the machine's load average, since the machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(cmd: list[str], repeats: int) -> tuple[list[float], str]:
+    walls, out = [], ""
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        walls.append(time.perf_counter() - t0)
+        if res.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr.strip()[:300]}")
+        out = res.stdout
+    return walls, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--predictor", default=None, help="predictor bundle (default: the shipped models/default)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "predict.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    from risk_model.sweep.zoo import build_model, save_checkpoint
+
+    risk = shutil.which("risk") or str(Path(sys.executable).with_name("risk"))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = build_model(dict(family="gpt", norm="pre_ln", d_model=256, n_layers=6, n_heads=8, block_size=64))
+        ckpt = save_checkpoint(model, Path(tmp) / "gpt_d256_L6.pt")
+        extra = ["--predictor", args.predictor] if args.predictor else []
+        help_walls, _ = timed([risk, "--help"], args.repeats)
+        pred_walls, out = timed([risk, "predict", str(ckpt), "--lr", "1e-3", "--json", *extra], args.repeats)
+        free_walls, _ = timed([risk, "predict", str(ckpt), "--json", *extra], max(1, args.repeats // 2))
+    res = json.loads(out)
+    result = {
+        "risk_help_s": {"median": statistics.median(help_walls), "all": help_walls, "target": 0.5},
+        "risk_predict_lr_s": {"median": statistics.median(pred_walls), "all": pred_walls, "target": 3.0},
+        "risk_predict_config_free_s": {"median": statistics.median(free_walls), "all": free_walls},
+        "model": "zoo gpt pre_ln d_model=256 n_layers=6 (random init), --lr 1e-3",
+        "predictor": res["predictor"],
+        "p_divergence": res["predictions"][0]["p_divergence"],
+        "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "python": platform.python_version(),
+                    "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v["median"] for k, v in result.items() if isinstance(v, dict) and "median" in v}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
