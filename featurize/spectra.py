@@ -137,7 +137,7 @@ def kreiss_constant(A: np.ndarray, *, n_theta: int = 61, n_r: int = 21) -> float
         return -tt / max(_sigma_min_exact(T, zz), 1e-300)
 
     best = float(vals.max())
-    order = np.argsort(vals.ravel())[::-1][:3]
+    order = np.argsort(vals.ravel())[::-1][:2]
     for idx in order:
         i, j = np.unravel_index(idx, vals.shape)
         res = scipy.optimize.minimize(
