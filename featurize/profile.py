@@ -29,15 +29,29 @@ CAP = 1e12  # κ(V) and Kreiss are capped here so that features stay finite (our
 DEGENERATE_UPDATE = 1e-4  # ‖Y − X‖_F / ‖X‖_F below this: residual branch is (nearly) off
 
 
+def parse_kreiss_grid(grid: "tuple[int, int] | str | None") -> tuple[int, int] | None:
+    """``(n_theta, n_r)`` from a tuple or a ``"THETAxR"`` string such as ``"31x12"``; ``None``/``""``: default."""
+    if grid is None or grid == "":
+        return None
+    try:
+        n_theta, n_r = (int(v) for v in (grid.lower().split("x") if isinstance(grid, str) else grid))
+    except (TypeError, ValueError):
+        raise ValueError(f"kreiss_grid must be (n_theta, n_r) or 'THETAxR' like '31x12', got {grid!r}") from None
+    if n_theta < 2 or n_r < 2:
+        raise ValueError(f"kreiss_grid needs at least 2 points per axis, got {grid!r}")
+    return n_theta, n_r
+
+
 def layer_stats(
     X: np.ndarray, Y: np.ndarray, *, rank: int | None = 32, seed: int = 0,
-    kreiss_grid: tuple[int, int] | None = None,
+    kreiss_grid: "tuple[int, int] | str | None" = None,
 ) -> dict:
     """Every profile column for one layer's snapshots ``X, Y`` of shape (d, N).
 
     ``kreiss_grid`` = (n_theta, n_r) of the Kreiss search's polar grid (default: the function's).
     """
-    kgrid = {} if kreiss_grid is None else dict(n_theta=int(kreiss_grid[0]), n_r=int(kreiss_grid[1]))
+    kreiss_grid = parse_kreiss_grid(kreiss_grid)
+    kgrid = {} if kreiss_grid is None else dict(n_theta=kreiss_grid[0], n_r=kreiss_grid[1])
     res = dmd(X, Y, rank=rank, seed=seed)
     lam = res.eigenvalues
     rel = res.reliable
@@ -186,7 +200,7 @@ class SpectralProfile:
 
 def profile_snapshots(
     snaps: "_capture.Snapshots", *, rank: int | None = 32, seed: int = 0, progress=None,
-    meta: dict | None = None, kreiss_grid: tuple[int, int] | None = None,
+    meta: dict | None = None, kreiss_grid: "tuple[int, int] | str | None" = None,
 ) -> SpectralProfile:
     """Profile already-collected snapshots (one row per layer)."""
     rows = []
@@ -207,7 +221,7 @@ def profile(
     seed: int = 0,
     rank: int | None = 32,
     input_shape: tuple[int, ...] | None = None,
-    kreiss_grid: tuple[int, int] | None = None,
+    kreiss_grid: "tuple[int, int] | str | None" = None,
     progress=None,
 ) -> SpectralProfile:
     """Koopman spectral profile of ``model`` at its current weights, from one forward pass.
@@ -224,7 +238,7 @@ def profile(
         Token states per layer (N).
     rank : int or None, default 32
         Rank of the randomized DMD (the paper's recipe); ``None`` for full DMD.
-    kreiss_grid : (int, int), optional
+    kreiss_grid : (int, int) or "THETAxR", optional
         (n_theta, n_r) of the Kreiss search's polar grid; coarser is faster (refinement follows).
     progress : callable, optional
         ``progress(stage, done, total)`` for progress bars.

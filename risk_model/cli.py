@@ -121,6 +121,16 @@ def profile_table(prof) -> "object":
     return table
 
 
+def _parse_shape(input_shape: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``"64,128"`` (or ``"64x128"``) → ``(64, 128)``; None stays None."""
+    if not input_shape:
+        return None
+    try:
+        return tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--input-shape must look like 64,128 (got {input_shape!r})") from None
+
+
 def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples: int, seed: int,
                      rank: Optional[int], inputs: Optional[Path], input_shape: Optional[str]):
     """Shared by `profile` and `predict`: load a model file and profile it, with a progress bar."""
@@ -129,12 +139,7 @@ def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples:
 
     if n_samples < 2:
         raise ValueError(f"--n-samples must be at least 2, got {n_samples}")
-    shape = None
-    if input_shape:
-        try:
-            shape = tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
-        except ValueError:
-            raise ValueError(f"--input-shape must look like 64,128 (got {input_shape!r})") from None
+    shape = _parse_shape(input_shape)
     model = load_model(model_path, trust_pickle=trust_pickle)
     bar = LazyProgress()
     try:
@@ -233,16 +238,9 @@ def _profile_for(model_obj, bundle, *, blocks, inputs, input_shape):
     from featurize import profile
 
     settings = bundle.metadata.get("profile_settings") or {}
-    shape = None
-    if input_shape:
-        try:
-            shape = tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
-        except ValueError:
-            raise ValueError(f"--input-shape must look like 64,128 (got {input_shape!r})") from None
+    shape = _parse_shape(input_shape)
     import torch
     from threadpoolctl import threadpool_limits
-
-    from risk_model.sweep.trainer import kreiss_grid
 
     bar = LazyProgress()
     threads = torch.get_num_threads()
@@ -250,10 +248,10 @@ def _profile_for(model_obj, bundle, *, blocks, inputs, input_shape):
     try:
         # per-layer matrices are small (d × N): one BLAS/torch thread is faster than several, and far
         # faster on a shared machine (measured: 7 s vs 20 s for d=256, L=6 on 2 busy cores)
-        with threadpool_limits(limits=1, user_api="blas"), kreiss_grid(str(settings.get("kreiss_grid") or "")):
+        with threadpool_limits(limits=1, user_api="blas"):
             return profile(model_obj, inputs, blocks=blocks, n_samples=int(settings.get("n_samples", 2048)),
                            seed=int(settings.get("seed", 0)), rank=settings.get("rank", 32) or None,
-                           input_shape=shape, progress=bar)
+                           input_shape=shape, kreiss_grid=settings.get("kreiss_grid") or None, progress=bar)
     finally:
         torch.set_num_threads(threads)
         bar.close()

@@ -202,7 +202,7 @@ def validate_rows(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     flag(runs["run_id"].isna() | (runs["run_id"].astype(str).str.strip() == ""), "empty run_id")
     lab = pd.to_numeric(runs["diverged"], errors="coerce")
-    flag(~lab.isin([0, 1]), f"label 'diverged' must be 0/1")
+    flag(~lab.isin([0, 1]), "label 'diverged' must be 0/1")
     for c in NUMERIC_CONFIG:
         v = pd.to_numeric(runs[c], errors="coerce")
         flag(~np.isfinite(v.astype(float)), f"{c} is missing or not a number")

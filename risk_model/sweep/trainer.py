@@ -20,12 +20,8 @@ The init profile (``featurize.profile``) is taken before the first optimizer ste
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import math
 import platform
-import sys
 import time
 from dataclasses import asdict
 
@@ -108,42 +104,15 @@ def versions() -> str:
            f"python {platform.python_version()}"
 
 
-@contextlib.contextmanager
-def kreiss_grid(grid: str):
-    """Run the featurizer with a coarser Kreiss search grid (``"THETAxR"``; ``""``: unchanged).
-
-    Only used with a featurizer whose ``profile`` has no ``kreiss_grid`` argument of its own.
-
-    The featurizer's default polar grid (181 × 36 points, then Nelder–Mead refinement of the
-    best three) cost about 1 s per layer on this 2-core machine and dominated the sweep. A coarser
-    grid with the same refinement agreed with the default to 1e-5 (relative) on 17 of 18 zoo layers
-    tested at 31 × 12 (one 3% lower) and on 23 of 24 at 46 × 12 (one 28% lower): a grid search can
-    only under-estimate the sup. Recorded per run in ``kreiss_grid``; only ``kreiss`` is affected.
-    """
-    if not grid:
-        yield
-        return
-    prof_mod = sys.modules["featurize.profile"]
-    n_theta, n_r = (int(v) for v in grid.split("x"))
-    original = prof_mod.kreiss_constant
-    prof_mod.kreiss_constant = functools.partial(original, n_theta=n_theta, n_r=n_r)
-    try:
-        yield
-    finally:
-        prof_mod.kreiss_constant = original
-
-
 def init_profile(model, cfg: RunConfig) -> tuple[dict, pd.DataFrame | None, str]:
     """(aggregates, layers table, error message) of the model at its current weights."""
     import featurize
 
-    kwargs = dict(n_samples=cfg.profile_samples, seed=cfg.seed, rank=cfg.profile_rank)
-    native = "kreiss_grid" in inspect.signature(featurize.profile).parameters
-    if native and cfg.kreiss_grid:
-        kwargs["kreiss_grid"] = tuple(int(v) for v in cfg.kreiss_grid.split("x"))
     try:
-        with kreiss_grid("" if native else cfg.kreiss_grid):
-            prof = featurize.profile(model, **kwargs)
+        # a coarser Kreiss grid than the default keeps the sweep fast; a grid search can only
+        # under-estimate the sup, and the refinement that follows recovers it on most layers
+        prof = featurize.profile(model, n_samples=cfg.profile_samples, seed=cfg.seed, rank=cfg.profile_rank,
+                                 kreiss_grid=cfg.kreiss_grid or None)
     except (featurize.CaptureError, np.linalg.LinAlgError, ValueError) as e:
         nan_aggs = {f"{c}_{s}": math.nan for c in featurize.AGGREGATED
                     for s in ("mean", "max", "min", "std")}
