@@ -168,13 +168,14 @@ def dmd(
         U, s, Vh = U[:, keep], s[keep], Vh[keep]
         A = (U.T @ Yc @ Vh.T) / s[None, :]  # (m, m), Uᵀ Y X⁺ U
         Xt, Yt = U.T @ Xc, U.T @ Yc
+        G = np.diag(s**2)  # Xt Xtᵀ = Uᵀ Xc Xcᵀ U
     m = A.shape[0]
     if m == 0:
         raise ValueError("snapshots have zero variance: nothing to decompose")
     lam, V = np.linalg.eig(A)
     V = V / np.linalg.norm(V, axis=0, keepdims=True)
     E = Yt - A @ Xt  # (m, N) linear-fit error
-    residuals = resdmd_residuals(Xt @ Xt.T, E @ E.T, lam, V)
+    residuals = resdmd_residuals(G, E @ E.T, lam, V)
     eta = float(np.linalg.norm(E) / (np.linalg.norm(Yt - Xt) + 1e-12))
     return DMDResult(A=A, eigenvalues=lam, V=V, residuals=residuals, eta_nl=eta, rank=m)
 

@@ -142,7 +142,7 @@ def kreiss_constant(A: np.ndarray, *, n_theta: int = 61, n_r: int = 21) -> float
         i, j = np.unravel_index(idx, vals.shape)
         res = scipy.optimize.minimize(
             negf, np.array([TT[i, j], LL[i, j]]), method="Nelder-Mead",
-            options=dict(xatol=1e-6, fatol=1e-7 * max(best, 1.0), maxiter=250),
+            options=dict(xatol=1e-4, fatol=1e-6 * max(best, 1.0), maxiter=250),
         )
         best = max(best, -float(res.fun))
     return best
