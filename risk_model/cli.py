@@ -404,6 +404,19 @@ def score_cmd(
 CorpusOpt = typer.Option(..., "--corpus", help="Corpus directory (runs.parquet + layers.parquet); repeat to add new sweep data.")
 
 
+CalibrationOpt = typer.Option("platt", "--calibration", help="Calibrator of the XGBoost predictor: isotonic or platt.")
+SplitsOpt = typer.Option(5, "--n-splits", help="Grouped-CV folds.")
+
+
+def _check_cv_options(calibration: str, n_splits: int) -> None:
+    from risk_model.predictor import CALIBRATIONS
+
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    if n_splits < 2:
+        raise ValueError(f"--n-splits must be at least 2, got {n_splits}")
+
+
 def _load_corpus_verbose(corpus: list[Path]):
     from risk_model.corpus import load_corpus
 
@@ -419,8 +432,8 @@ def _load_corpus_verbose(corpus: list[Path]):
 def train_cmd(
     corpus: list[Path] = CorpusOpt,
     out: Path = typer.Option(Path("models/default"), "--out", help="Where the trained predictor bundle is written."),
-    calibration: str = typer.Option("platt", "--calibration", help="Calibrator of the XGBoost predictor: isotonic or platt."),
-    n_splits: int = typer.Option(5, "--n-splits", help="Grouped-CV folds."),
+    calibration: str = CalibrationOpt,
+    n_splits: int = SplitsOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the folds and the trees."),
     rounds: int = typer.Option(300, "--rounds", help="Boosting rounds of the XGBoost predictor."),
     promote: bool = typer.Option(False, "--promote", help="Move the alias champion to this version even if its held-out metrics are worse."),
@@ -431,12 +444,9 @@ def train_cmd(
     import tempfile
 
     from risk_model.evaluate import evaluate_corpus, flat_metrics
-    from risk_model.predictor import CALIBRATIONS, train_bundle
+    from risk_model.predictor import train_bundle
 
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-    if n_splits < 2:
-        raise ValueError(f"--n-splits must be at least 2, got {n_splits}")
+    _check_cv_options(calibration, n_splits)
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
     xgb_params = {"num_boost_round": rounds}
@@ -477,20 +487,18 @@ def train_cmd(
 def evaluate_cmd(
     corpus: list[Path] = CorpusOpt,
     out: Path = typer.Option(Path("reports"), "--out", help="Directory for evaluation.md, roc.png, reliability.png."),
-    calibration: str = typer.Option("platt", "--calibration", help="Calibrator of the XGBoost predictor: isotonic or platt."),
-    n_splits: int = typer.Option(5, "--n-splits", help="Grouped-CV folds."),
+    calibration: str = CalibrationOpt,
+    n_splits: int = SplitsOpt,
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the AUROC CI."),
     seed: int = typer.Option(0, "--seed", help="Seed of the folds, the trees and the bootstrap."),
     track: bool = typer.Option(True, "--track/--no-track", help="Log the evaluation to MLflow."),
 ) -> None:
     """Grouped CV, leave-one-family/norm-out, baselines table, ROC and reliability plots → --out and MLflow."""
     from risk_model.evaluate import evaluate_corpus, flat_metrics
-    from risk_model.predictor import CALIBRATIONS
 
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-    if n_splits < 2 or n_boot < 1:
-        raise ValueError(f"--n-splits must be >= 2 and --n-boot >= 1, got {n_splits} and {n_boot}")
+    _check_cv_options(calibration, n_splits)
+    if n_boot < 1:
+        raise ValueError(f"--n-boot must be at least 1, got {n_boot}")
     c = _load_corpus_verbose(corpus)
     bar = LazyProgress()
     try:
