@@ -86,6 +86,10 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[
     return best[1], best[2]
 
 
+class _StopForward(Exception):
+    """Raised by the last block's hook: nothing after the blocks (e.g. an LM head) needs computing."""
+
+
 @dataclass
 class Snapshots:
     """Snapshot pairs of every block: ``X[l], Y[l]`` of shape (d, N)."""
@@ -213,7 +217,8 @@ def collect_snapshots(
 
     store_x: list[list[torch.Tensor]] = [[] for _ in mods]
     store_y: list[list[torch.Tensor]] = [[] for _ in mods]
-    state = {"sel": None}
+    state = {"sel": None, "seen": set()}
+    last = len(mods) - 1
 
     def make_hook(i: int):
         def hook(module, args, kwargs, output):
@@ -230,8 +235,13 @@ def collect_snapshots(
             xf = x.reshape(-1, x.shape[-1])  # (b*T, d)
             yf = y.reshape(-1, y.shape[-1])  # (b*T, d)
             sel = state["sel"]
-            store_x[i].append(xf[sel].detach().to(torch.float64).cpu())
-            store_y[i].append(yf[sel].detach().to(torch.float64).cpu())
+            keep = torch.promote_types(xf.dtype, torch.float32)  # half precision → float32; float64 stays
+            store_x[i].append(xf[sel].detach().to(keep).cpu())  # float64 per layer at the end
+            store_y[i].append(yf[sel].detach().to(keep).cpu())
+            state["seen"].add(i)
+            if i == last and len(state["seen"]) == len(mods):
+                raise _StopForward
+
 
         return hook
 
@@ -246,7 +256,11 @@ def collect_snapshots(
             if idx.size == 0:
                 continue
             state["sel"] = torch.as_tensor(idx)
-            model(inputs[start:stop])
+            state["seen"] = set()
+            try:
+                model(inputs[start:stop])
+            except _StopForward:
+                pass
             if progress is not None:
                 progress(stop)
     finally:
@@ -257,8 +271,8 @@ def collect_snapshots(
     for i, name in enumerate(names):
         if not store_x[i]:
             raise CaptureError(f"block {name} was never called in the forward pass")
-        x = torch.cat(store_x[i]).T.numpy()  # (d, N)
-        y = torch.cat(store_y[i]).T.numpy()  # (d, N)
+        x = torch.cat(store_x[i]).T.double().numpy()  # (d, N)
+        y = torch.cat(store_y[i]).T.double().numpy()  # (d, N)
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             raise CaptureError(
                 f"non-finite activations at initialization in block {name}: "

@@ -171,3 +171,21 @@ def test_hook_memory_is_n_states_per_layer():
     emb = net.wte(probe).detach().reshape(-1, 16).double().numpy()
     rows = {tuple(np.round(r, 10)) for r in emb}
     assert all(tuple(np.round(c, 10)) in rows for c in snaps.X[0].T[:20])
+
+
+def test_forward_stops_after_the_last_block():
+    """Nothing after the blocks (an LM head's large logits) is computed while profiling."""
+    class CountingHead(nn.Linear):
+        calls = 0
+
+        def forward(self, h):
+            CountingHead.calls += 1
+            return super().forward(h)
+
+    net = TinyLM()
+    net.head = CountingHead(16, 50)
+    prof = profile(net, n_samples=128)
+    assert len(prof.layers) == 3
+    assert CountingHead.calls == 0
+    net(torch.zeros(1, 4, dtype=torch.long))  # the hooks are gone afterwards
+    assert CountingHead.calls == 1
