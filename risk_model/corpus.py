@@ -149,12 +149,28 @@ def _read_parts(parts: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return runs, (pd.concat(layer_frames, ignore_index=True) if layer_frames else None)
 
 
+def _layers_per_run(runs: pd.DataFrame, layers: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A ladder corpus profiles each model once (layers keyed by ``model_id``): give every run of
+    the model its model's layer rows, so the layer table is keyed by ``run_id`` as elsewhere."""
+    if layers is None or "run_id" in layers.columns or "model_id" not in layers.columns:
+        return layers
+    if "model_id" not in runs.columns:
+        raise CorpusError("layers.parquet is keyed by model_id but runs.parquet has no model_id column")
+    return runs[["run_id", "model_id"]].merge(layers, on="model_id", how="inner")
+
+
 def read_source(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """``(runs, layers)`` of a corpus directory (or a runs.parquet path); layers may be None.
 
     A sweep folder without a consolidated runs.parquet yet is read from its ``parts/``.
-    Per-step curves (list columns) are dropped: nothing here uses them.
+    Per-step curves (list columns) are dropped: nothing here uses them. Layers of a ladder
+    corpus (keyed by ``model_id``) are given to each of the model's runs.
     """
+    runs, layers = _read_source(path)
+    return runs, _layers_per_run(runs, layers)
+
+
+def _read_source(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     path = Path(path)
     runs_path = path / "runs.parquet" if path.is_dir() else path
     if not runs_path.exists() and path.is_dir() and any((path / "parts").glob("*.runs.parquet")):
@@ -241,6 +257,9 @@ def _coerce_types(runs: pd.DataFrame) -> pd.DataFrame:
         runs[c] = runs[c].astype(str)
     for c in BASELINE_COLUMNS:
         runs[c] = pd.to_numeric(runs[c], errors="coerce").astype(float)
+    # cross-validation groups: a model's learning rates (ladder corpora) or a config's seeds
+    group = runs["model_id"] if "model_id" in runs.columns else runs["config_id"]
+    runs["group_id"] = group.astype(str)
     return runs.reset_index(drop=True)
 
 

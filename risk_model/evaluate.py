@@ -3,7 +3,8 @@ log-loss, the paper's Table 2 baselines, ROC curve and reliability diagram.
 
 Held-out protocol
 -----------------
-- Grouped K-fold on ``config_id``: a config's seeds never straddle folds. Every learned predictor
+- Grouped K-fold on ``group_id``: a model's learning-rate ladder (ladder corpora, ``model_id``) or
+  a config's seeds (``config_id``) never straddle folds. Every learned predictor
   (the isotonic maps, the logistic baselines, XGBoost with its own inner calibration folds) is fitted
   on K−1 folds and scores the held-out fold; the metrics are computed on the pooled out-of-fold
   probabilities.
@@ -198,7 +199,7 @@ def _predictor_candidate(name: str, key: str, group: str, **kwargs) -> Candidate
         ytr = tr["diverged"].to_numpy()
         if len(np.unique(ytr)) < 2:
             return np.full(len(te), ytr.mean())
-        est = RiskPredictor(**kwargs).fit(tr, ytr, groups=tr["config_id"].to_numpy())
+        est = RiskPredictor(**kwargs).fit(tr, ytr, groups=tr["group_id"].to_numpy())
         return est.predict_proba(te)[:, 1]
     raw = _raw_column(kwargs.get("score", "m_near_mean")) if kwargs.get("method") == "isotonic" else None
     return Candidate(name, key, fit_predict, raw, group)
@@ -261,7 +262,7 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
     y = runs["diverged"].to_numpy().astype(int)
     if len(np.unique(y)) < 2:
         raise ValueError("the corpus holds one class only: cannot evaluate a divergence predictor")
-    splits = grouped_splits(runs["config_id"], n_splits=n_splits, seed=seed)
+    splits = grouped_splits(runs["group_id"], n_splits=n_splits, seed=seed)
     cands = candidates(calibration, xgb_params)
     if not baselines:
         cands = cands[:2] + cands[-1:]
@@ -297,7 +298,7 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
     comp = bootstrap_auroc_diff_ci(y, oof[cands[1].name], oof[cands[-1].name], n_boot=n_boot, seed=seed)
     res = dict(table=table, summary=summary, holdout=holdout,
                comparison=dict(delta_auroc=comp[0], lo=comp[1], hi=comp[2], a=cands[1].name, b=cands[-1].name),
-               oof=oof, y=y, n_runs=len(runs), n_configs=int(runs["config_id"].nunique()),
+               oof=oof, y=y, n_runs=len(runs), n_configs=int(runs["group_id"].nunique()),
                corpus_hash=corpus.hash, n_splits=len(splits), files=[])
     if out_dir is not None:
         res["files"] = write_report(res, runs, Path(out_dir))
@@ -384,10 +385,10 @@ def write_report(res: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     rel = plot_reliability(res, out_dir / "reliability.png")
     y = res["y"]
     L = ["# Divergence-risk predictor: evaluation", ""]
-    L.append(f"Corpus: {res['n_runs']} runs, {res['n_configs']} configs, {int(y.sum())} diverged "
+    L.append(f"Corpus: {res['n_runs']} runs, {res['n_configs']} groups, {int(y.sum())} diverged "
              f"({100 * y.mean():.1f}%); corpus hash `{res['corpus_hash'][:16]}`.")
-    L.append(f"Protocol: {res['n_splits']}-fold GroupKFold on `config_id` (a config's seeds never straddle "
-             "folds); every fitted map is fitted on the training folds only. AUROC 95% CI: percentile "
+    L.append(f"Protocol: {res['n_splits']}-fold GroupKFold on `group_id` (the model of a learning-rate "
+             "ladder, or a config's seeds, never straddles folds); every fitted map is fitted on the training folds only. AUROC 95% CI: percentile "
              "bootstrap, 1000 resamples of the runs. ECE: 10 equal-width bins (netcal).")
     L += ["", "## Predictors and the paper's Table 2 baselines (grouped CV)", "",
           "| predictor | available | AUROC | 95% CI | AUROC from | ECE | Brier | log-loss |",

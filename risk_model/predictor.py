@@ -649,7 +649,7 @@ def train_bundle(corpus, heldout: dict, *, calibration: str = "platt", n_splits:
 
     runs = corpus.runs
     y = runs["diverged"].to_numpy()
-    groups = runs["config_id"].to_numpy()
+    groups = runs["group_id"].to_numpy()
     iso = RiskPredictor(method="isotonic", n_splits=n_splits, random_state=seed).fit(runs, y, groups)
     xgbp = RiskPredictor(method="xgboost", calibration=calibration, n_splits=n_splits, random_state=seed,
                          xgb_params=xgb_params).fit(runs, y, groups)
@@ -658,7 +658,7 @@ def train_bundle(corpus, heldout: dict, *, calibration: str = "platt", n_splits:
     common = dict(
         name="divergence-risk", version=version, trained_at=now.isoformat(timespec="seconds"),
         corpus_hash=corpus.hash, corpus_sources=list(corpus.sources), n_runs=int(len(runs)),
-        n_diverged=int(y.sum()), n_configs=int(runs["config_id"].nunique()),
+        n_diverged=int(y.sum()), n_configs=int(runs["group_id"].nunique()),
         profile_settings=corpus.profile_settings,
         config_defaults={k: float(runs[k].median()) for k in ("warmup", "batch_size", "steps", "d_model")},
         families=sorted(runs["family"].unique().tolist()), norms=sorted(runs["norm"].unique().tolist()),

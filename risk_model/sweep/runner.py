@@ -4,13 +4,15 @@ Layout of an output folder::
 
     OUT/runs.parquet     one row per finished run (consolidated)
     OUT/layers.parquet   one row per run and layer (consolidated)
-    OUT/parts/<run_id>.layers.parquet, OUT/parts/<run_id>.runs.parquet
-                         one pair per run finished since the last consolidation
+    OUT/parts/<unit>.layers.parquet, OUT/parts/<unit>.runs.parquet
+                         one pair per unit finished since the last consolidation
     OUT/errors.jsonl     runs that raised (not stored; retried by the next invocation)
 
-Every file is written to a temporary name and moved into place with ``os.replace``, so a reader
-(or a killed sweep) only ever sees complete files. A run counts as finished once its
-``runs`` part exists (its ``layers`` part is written first). Consolidation merges the parts into
+A *unit* is what one worker does in one go: a run (a ``sweep`` spec; layers keyed by ``run_id``)
+or a model with its learning-rate ladder (a ``ladder`` spec, ``risk_model.sweep.ladder``; its
+runs and its layers keyed by ``model_id``). Every file is written to a temporary name and moved
+into place with ``os.replace``, so a reader (or a killed sweep) only ever sees complete files. A
+unit counts as finished once its ``runs`` part exists (its ``layers`` part is written first). Consolidation merges the parts into
 ``runs.parquet``/``layers.parquet`` (deduplicated by run id; layers before runs) and only then
 deletes the parts, so a kill at any point loses no finished run and duplicates none. It runs when
 a sweep starts (leftovers of a killed one) and when it ends.
@@ -32,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .spec import RunConfig, load_spec, run_id
+from .spec import RunConfig, parse_spec, read_toml, run_id
 
 META_KEY = b"divergence_risk"
 FORMAT = "sweep/1"
@@ -96,22 +98,27 @@ def _read(path: Path) -> pd.DataFrame:
         raise CorpusError(f"{path} is not readable Parquet (corrupt?): refusing to use it") from e
 
 
-def done_run_ids(out: Path) -> set[str]:
-    """Run ids already finished in ``out`` (consolidated or in parts)."""
+def unit_key(columns) -> str:
+    """The column that names a unit: ``model_id`` in ladder corpora, ``run_id`` otherwise."""
+    return "model_id" if "model_id" in columns else "run_id"
+
+
+def done_unit_ids(out: Path) -> set[str]:
+    """Unit ids (run ids, or model ids of ladders) already finished in ``out``."""
     ids: set[str] = set()
     if (out / RUNS).exists():
-        ids |= set(pq.read_table(out / RUNS, columns=["run_id"]).column("run_id").to_pylist())
+        key = unit_key(pq.read_schema(out / RUNS).names)
+        ids |= set(pq.read_table(out / RUNS, columns=[key]).column(key).to_pylist())
     ids |= {p.name.split(".")[0] for p in (out / PARTS).glob("*.runs.parquet")}
     return ids
 
 
-def write_run(out: Path, row: dict, layers: pd.DataFrame) -> None:
-    """Persist one finished run as a pair of part files (layers first, runs last)."""
+def write_unit(out: Path, uid: str, rows: list[dict], layers: pd.DataFrame) -> None:
+    """Persist one finished unit as a pair of part files (layers first, runs last)."""
     parts = out / PARTS
     parts.mkdir(parents=True, exist_ok=True)
-    rid = row["run_id"]
-    write_parquet_atomic(layers, parts / f"{rid}.layers.parquet", "layers")
-    write_parquet_atomic(pd.DataFrame([row]), parts / f"{rid}.runs.parquet", "runs")
+    write_parquet_atomic(layers, parts / f"{uid}.layers.parquet", "layers")
+    write_parquet_atomic(pd.DataFrame(rows), parts / f"{uid}.runs.parquet", "runs")
 
 
 def consolidate(out: Path) -> tuple[int, int]:
@@ -124,29 +131,30 @@ def consolidate(out: Path) -> tuple[int, int]:
         return 0, 0
     runs = [_read(out / RUNS)] if (out / RUNS).exists() else []
     layers = [_read(out / LAYERS)] if (out / LAYERS).exists() else []
-    done = set(runs[0]["run_id"]) if runs else set()
+    key = unit_key(runs[0].columns if runs else _read(run_parts[0]).columns)
+    done = set(runs[0][key]) if runs else set()
     for p in run_parts:
-        rid = p.name.split(".")[0]
-        lp = parts / f"{rid}.layers.parquet"
-        if rid in done:
+        uid = p.name.split(".")[0]
+        lp = parts / f"{uid}.layers.parquet"
+        if uid in done:
             continue
         runs.append(_read(p))
         if lp.exists():
             layers.append(_read(lp))
-        done.add(rid)
+        done.add(uid)
     runs_df = pd.concat(runs, ignore_index=True).drop_duplicates("run_id", keep="first")
     layers = [df for df in layers if len(df)]
     layers_df = (pd.concat(layers, ignore_index=True) if layers else pd.DataFrame())
     if len(layers_df):
-        layers_df = layers_df[layers_df["run_id"].isin(set(runs_df["run_id"]))]
-        layers_df = layers_df.drop_duplicates(["run_id", "layer"], keep="first")
+        layers_df = layers_df[layers_df[key].isin(set(runs_df[key]))]
+        layers_df = layers_df.drop_duplicates([key, "layer"], keep="first")
     write_parquet_atomic(layers_df.reset_index(drop=True), out / LAYERS, "layers")
     write_parquet_atomic(runs_df.reset_index(drop=True), out / RUNS, "runs")
     for p in run_parts:  # only after both consolidated files are in place
         p.unlink(missing_ok=True)
         (parts / p.name.replace(".runs.", ".layers.")).unlink(missing_ok=True)
-    for p in parts.glob("*.layers.parquet"):  # orphans of runs that never finished
-        if p.name.split(".")[0] in set(runs_df["run_id"]):
+    for p in parts.glob("*.layers.parquet"):  # orphans of units that never finished
+        if p.name.split(".")[0] in set(runs_df[key]):
             p.unlink(missing_ok=True)
     return len(runs_df), len(layers_df)
 
@@ -165,27 +173,54 @@ def load_corpus(out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ----------------------------------------------------------------------------------- execution
 
 
-def execute(cfg: dict, out: str | None = None) -> dict:
-    """Run one config in this process. With ``out`` the run is stored there and a short summary
-    returned; without, the summary carries ``row`` and ``layers`` for the caller to store."""
+def load_any_spec(path: str | Path):
+    """A ``SweepSpec`` (one run per config) or, for ``kind = "ladder"``, a ``LadderSpec``."""
+    data, text = read_toml(path)
+    if data.get("kind", "runs") == "ladder":
+        from .ladder import parse_ladder_spec
+
+        return parse_ladder_spec(data, source=text)
+    if data.get("kind", "runs") != "runs":
+        from .spec import SweepSpecError
+
+        raise SweepSpecError(f"kind must be 'runs' or 'ladder', got {data['kind']!r}")
+    return parse_spec(data, source=text)
+
+
+def spec_units(spec) -> list[dict]:
+    """The units of work of a spec: ladder units as they are, or ``{"unit_id", "config"}`` per run."""
+    if hasattr(spec, "units"):
+        return spec.units()
+    return [dict(unit_id=run_id(c), config=asdict(c)) for c in spec.configs()]
+
+
+def execute(unit: dict, out: str | None = None) -> dict:
+    """Do one unit in this process. With ``out`` it is stored there and a short summary returned;
+    without, the summary carries ``rows`` and ``layers`` for the caller to store."""
     import torch
 
     torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
 
-    from .trainer import train_run
-
-    cfg_obj = RunConfig(**cfg)
     try:
         with threadpool_limits(1):
-            row, layers = train_run(cfg_obj)
-    except Exception as e:  # noqa: BLE001 - recorded in errors.jsonl, the run is retried later
-        return dict(run_id=run_id(cfg_obj), error=f"{type(e).__name__}: {e}"[:500])
-    res = dict(run_id=row["run_id"], diverged=row["diverged"], seconds=row["seconds"])
+            if "rungs" in unit:
+                from .ladder import train_ladder
+
+                rows, layers = train_ladder(unit)
+            else:
+                from .trainer import train_run
+
+                row, layers = train_run(RunConfig(**unit["config"]))
+                rows = [row]
+    except Exception as e:  # noqa: BLE001 - recorded in errors.jsonl, the unit is retried later
+        return dict(unit_id=unit["unit_id"], error=f"{type(e).__name__}: {e}"[:500])
+    res = dict(unit_id=unit["unit_id"], runs=len(rows), diverged=sum(bool(r["diverged"]) for r in rows),
+               seconds=sum(r["seconds"] for r in rows))
     if out is None:
-        res.update(row=row, layers=layers)
+        res.update(rows=rows, layers=layers)
     else:
-        write_run(Path(out), row, layers)
+        write_unit(Path(out), unit["unit_id"], rows, layers)
     return res
 
 
@@ -198,8 +233,8 @@ def _results(todo: list[dict], out: Path, workers: int, backend: str, scheduler:
             futures = client.map(execute, todo, pure=False)  # results come back; stored here
             for fut in as_completed(futures):
                 res = fut.result()
-                if "row" in res:
-                    write_run(out, res.pop("row"), res.pop("layers"))
+                if "rows" in res:
+                    write_unit(out, res["unit_id"], res.pop("rows"), res.pop("layers"))
                 yield res
     elif workers <= 1:
         for cfg in todo:
@@ -215,8 +250,9 @@ def _results(todo: list[dict], out: Path, workers: int, backend: str, scheduler:
 class _Progress:
     """A rich progress bar with ETA on a terminal; periodic one-line reports otherwise."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.done, self.div = total, enabled, 0, 0
+    def __init__(self, total: int, enabled: bool, unit: str = "runs"):
+        self.total, self.enabled, self.done, self.div, self.runs = total, enabled, 0, 0, 0
+        self.unit = unit
         self.t0 = time.time()
         self.bar = None
         if enabled and total:
@@ -231,18 +267,19 @@ class _Progress:
                                     MofNCompleteColumn(), TimeElapsedColumn(), "eta",
                                     TimeRemainingColumn(), console=console)
                 self.bar.start()
-                self.task = self.bar.add_task("runs", total=total)
+                self.task = self.bar.add_task(self.unit, total=total)
 
     def update(self, res: dict) -> None:
         self.done += 1
-        self.div += bool(res.get("diverged"))
+        self.div += int(res.get("diverged", 0))
+        self.runs += int(res.get("runs", 0))
         if self.bar is not None:
             self.bar.update(self.task, advance=1,
-                            description=f"runs (diverged {self.div}/{self.done})")
+                            description=f"{self.unit} ({self.runs} runs, {self.div} diverged)")
         elif self.enabled and (self.done % max(1, self.total // 100) == 0 or self.done == self.total):
             el = time.time() - self.t0
             eta = el / self.done * (self.total - self.done)
-            print(f"[sweep] {self.done}/{self.total} runs, diverged {self.div}, "
+            print(f"[sweep] {self.done}/{self.total} {self.unit}, {self.runs} runs, diverged {self.div}, "
                   f"elapsed {el / 60:.1f} min, eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -270,7 +307,8 @@ def run_sweep(
 
     Returns
     -------
-    dict with ``planned``, ``already_done``, ``ran``, ``failed``, ``diverged`` (among the new),
+    dict with ``planned`` and ``already_done`` (units: runs, or models of a ladder spec), ``ran``
+    (runs done now), ``failed`` (units), ``diverged`` (among the new runs),
     ``runs`` and ``layer_rows`` (in the consolidated corpus), ``seconds``, ``runs_path``,
     ``layers_path``.
 
@@ -286,17 +324,17 @@ def run_sweep(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     t0 = time.time()
-    spec = load_spec(spec_path)
-    configs = spec.configs()
+    spec = load_any_spec(spec_path)
+    units = spec_units(spec)
     out = Path(out_dir)
     check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob(".*.tmp")) + list((out / PARTS).glob(".*.tmp")):
         stale.unlink(missing_ok=True)
     consolidate(out)
-    done = done_run_ids(out)
-    todo = [asdict(c) for c in configs if run_id(c) not in done]
-    bar = _Progress(len(todo), progress)
+    done = done_unit_ids(out)
+    todo = [u for u in units if u["unit_id"] not in done]
+    bar = _Progress(len(todo), progress, "models" if hasattr(spec, "units") else "runs")
     ran = failed = diverged = 0
     try:
         for res in _results(todo, out, workers, backend, scheduler):
@@ -305,13 +343,13 @@ def run_sweep(
                 with open(out / "errors.jsonl", "a") as fh:
                     fh.write(json.dumps(res) + "\n")
             else:
-                ran += 1
-                diverged += bool(res["diverged"])
+                ran += res["runs"]
+                diverged += res["diverged"]
             bar.update(res)
     finally:
         bar.close()
     n_runs, n_layers = consolidate(out)
-    return dict(planned=len(configs), already_done=len(configs) - len(todo), ran=ran,
+    return dict(planned=len(units), already_done=len(units) - len(todo), ran=ran,
                 failed=failed, diverged=diverged, runs=n_runs, layer_rows=n_layers,
                 seconds=round(time.time() - t0, 2), runs_path=str(out / RUNS),
                 layers_path=str(out / LAYERS))

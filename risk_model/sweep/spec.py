@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .archs import ARCH_ARG_NAMES, FAMILIES, FAMILY_NORMS
 from .tasks import TASKS
-from .zoo import FAMILIES, NORMS, MODEL_ARG_NAMES
+from .zoo import NORMS
 
 OPTIMIZERS = ("adamw", "lion", "sgd")
 SAMPLERS = ("lhs", "random", "grid")
@@ -56,6 +57,9 @@ class RunConfig:
     n_heads: int = 4
     mlp_ratio: int = 4
     init_scale: float = 1.0
+    init_std: float = 0.02        # base std of weight matrices (archs module doc)
+    embed_std: float = 0.0        # 0: init_std
+    out_std: float = 0.0          # 0: the family's own rule
     residual_scale: float = 1.0
     n_experts: int = 4
     top_k: int = 2
@@ -81,10 +85,15 @@ class RunConfig:
     kreiss_grid: str = "61x18"    # "THETAxR" polar grid of the Kreiss search; "" = featurizer default
 
     def model_args(self) -> dict:
-        """``zoo.build_model`` arguments for this run."""
-        args = {k: v for k, v in asdict(self).items() if k in MODEL_ARG_NAMES}
+        """``archs.build_network`` arguments for this run."""
+        args = {k: v for k, v in asdict(self).items() if k in ARCH_ARG_NAMES}
         args["block_size"] = self.seq_len
         return args
+
+
+# fields added with corpus-v2: left out of the run id while at their default, so corpus-v1's
+# run ids (and its resumable sweeps) stay what they were
+_ID_OPTIONAL = {"init_std": 0.02, "embed_std": 0.0, "out_std": 0.0}
 
 
 RUN_FIELDS = {f.name: f.type for f in fields(RunConfig)}
@@ -120,6 +129,9 @@ def _single_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
     checks = [
         ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "must be > 0"),
         ("init_scale", cfg.init_scale > 0, "must be > 0"),
+        ("init_std", cfg.init_std > 0 and math.isfinite(cfg.init_std), "must be > 0"),
+        ("embed_std", cfg.embed_std >= 0, "must be >= 0 (0: init_std)"),
+        ("out_std", cfg.out_std >= 0, "must be >= 0 (0: the family's rule)"),
         ("residual_scale", cfg.residual_scale > 0, "must be > 0"),
         ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
         ("grad_clip", cfg.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
@@ -140,6 +152,8 @@ def _cross_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("n_heads", cfg.d_model % cfg.n_heads == 0,
          f"must divide d_model={cfg.d_model}"),
         ("top_k", cfg.top_k <= cfg.n_experts, f"must be <= n_experts={cfg.n_experts}"),
+        ("norm", cfg.norm in FAMILY_NORMS[cfg.family],
+         f"must be one of {', '.join(FAMILY_NORMS[cfg.family])} for family {cfg.family}"),
         ("seq_len", cfg.task != "assoc_recall" or cfg.seq_len >= 9,
          "must be >= 9 for assoc_recall (4 pairs + query)"),
         ("profile_samples", cfg.profile_samples >= 2, "must be >= 2"),
@@ -164,14 +178,22 @@ def _canonical(d: dict) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
+def _id_fields(cfg: RunConfig) -> dict:
+    d = asdict(cfg)
+    for key, default in _ID_OPTIONAL.items():
+        if d[key] == default:
+            d.pop(key)
+    return d
+
+
 def run_id(cfg: RunConfig) -> str:
     """sha1 of the config's canonical JSON, first 16 hex digits."""
-    return hashlib.sha1(_canonical(asdict(cfg)).encode()).hexdigest()[:16]
+    return hashlib.sha1(_canonical(_id_fields(cfg)).encode()).hexdigest()[:16]
 
 
 def config_id(cfg: RunConfig) -> str:
     """Like ``run_id`` but without ``seed``: the same for every seed of one config."""
-    d = asdict(cfg)
+    d = _id_fields(cfg)
     d.pop("seed")
     return hashlib.sha1(_canonical(d).encode()).hexdigest()[:16]
 
@@ -218,7 +240,7 @@ class SweepSpec:
         return cfgs
 
 
-_TOP_KEYS = {"name", "n_runs", "sampler", "seed", "seeds_per_config", "grid"}
+_TOP_KEYS = {"kind", "name", "n_runs", "sampler", "seed", "seeds_per_config", "grid"}
 
 
 def parse_spec(data: dict, source: str = "") -> SweepSpec:
@@ -258,8 +280,8 @@ def parse_spec(data: dict, source: str = "") -> SweepSpec:
     return spec
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a TOML spec file."""
+def read_toml(path: str | Path) -> tuple[dict, str]:
+    """``(mapping, text)`` of a TOML spec file; ``SweepSpecError`` if unreadable or invalid."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -269,4 +291,10 @@ def load_spec(path: str | Path) -> SweepSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SweepSpecError(f"spec {path} is not valid TOML: {e}") from e
+    return data, text
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a TOML spec file (one run per sampled config)."""
+    data, text = read_toml(path)
     return parse_spec(data, source=text)

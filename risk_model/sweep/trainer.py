@@ -5,13 +5,17 @@ Labels
         or either is non-finite. ``diverge_step`` is that step (1-based; the optimizer has taken
         ``diverge_step - 1`` steps), ``diverge_reason`` one of ``nonfinite``, ``loss``,
         ``grad_norm``. Training stops there.
+    dead_at_init : diverged at step 1, i.e. the loss or gradient norm of the *initial* weights is
+        already over the limits (no update has happened: the learning rate cannot matter).
+        ``init_loss`` is that first loss, ``init_loss_ratio`` its ratio to ln(vocab size).
     collapsed : the run did not diverge but ended untrained: its final loss (mean task loss over
         the last 10 steps) is at least 95% of the task's ``marginal_loss``, the cross-entropy of
         the best context-free predictor (ln(V−4) for synthetic LM, ln(V/2) for associative
         recall). **(ours)**
 
 Baselines (paper Table 2)
-    grad_norm_step1, grad_norm_step100 (NaN if the run stopped earlier), grad_norm_var_1_100
+    grad_norm_step1 (= grad_norm_init: the gradient norm at the initial weights, before any
+    update), grad_norm_step100 (NaN if the run stopped earlier), grad_norm_var_1_100
     (population variance over the steps 1–100 that ran), loss_spikes_1_500: steps t ≤ 500 whose loss
     exceeds 1.5 × the median of the previous (up to) 20 losses, counted once at least 5 previous
     losses exist; a non-finite loss is a spike **(ours)**.
@@ -23,15 +27,15 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .spec import RunConfig, config_id, run_id
+from .archs import build_network, logits_of
 from .tasks import make_task
-from .zoo import build_model
 
 LOSS_LIMIT = 50.0
 GRAD_LIMIT = 500.0
@@ -122,22 +126,20 @@ def init_profile(model, cfg: RunConfig) -> tuple[dict, pd.DataFrame | None, str]
     return aggs, prof.layers, ""
 
 
-def train_run(cfg: RunConfig) -> tuple[dict, pd.DataFrame]:
-    """Profile at init, train, label. Returns ``(row, layers)``: one corpus row and the per-layer
-    profile table (``run_id``, ``layer`` and ``featurize.PROFILE_COLUMNS``; empty when the
-    profile failed, with the reason in ``row["profile_error"]``)."""
-    import featurize
+@dataclass
+class TrainResult:
+    """What one training run did: per-step losses and gradient norms, and the divergence label."""
 
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_args())
-    task = make_task(cfg.task, seed=cfg.seed, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size,
-                     batch_size=cfg.batch_size)
+    losses: np.ndarray          # (steps_run,) task loss at each step, before that step's update
+    grad_norms: np.ndarray      # (steps_run,) global gradient norm before clipping
+    diverge_step: int           # 1-based step of divergence; -1 if none
+    diverge_reason: str         # "", "nonfinite", "loss" or "grad_norm"
 
-    tp = time.perf_counter()
-    aggs, layers, profile_error = init_profile(model, cfg)
-    profile_seconds = time.perf_counter() - tp
 
+def train(model, cfg: RunConfig, task) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` steps on ``task`` (linear warmup, then constant
+    LR), stopping at the first step that meets the divergence rule of the module docstring.
+    Step 1's loss and gradient norm are those of the initial weights."""
     opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     kss = None
     if cfg.kss_alpha > 0:
@@ -155,7 +157,7 @@ def train_run(cfg: RunConfig) -> tuple[dict, pd.DataFrame]:
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = task.batch()
-        loss = task.loss(model(x), y)
+        loss = task.loss(logits_of(model(x)), y)
         total = loss + kss.penalty() if kss is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -176,23 +178,54 @@ def train_run(cfg: RunConfig) -> tuple[dict, pd.DataFrame]:
         if diverge_step > 0:
             break
         opt.step()
-
     if kss is not None:
         kss.remove()
-    L, G = np.asarray(losses), np.asarray(gnorms)
-    diverged = diverge_step > 0
+    return TrainResult(np.asarray(losses), np.asarray(gnorms), diverge_step, diverge_reason)
+
+
+def run_labels(res: TrainResult, task) -> dict:
+    """Labels and baseline statistics of one run (module docstring)."""
+    L, G = res.losses, res.grad_norms
+    diverged = res.diverge_step > 0
     final_loss = float(np.mean(L[-10:]))
-    rid = run_id(cfg)
-    row = dict(
-        run_id=rid, config_id=config_id(cfg), **asdict(cfg),
-        diverged=diverged, diverge_step=int(diverge_step), diverge_reason=diverge_reason,
+    return dict(
+        diverged=diverged, diverge_step=int(res.diverge_step), diverge_reason=res.diverge_reason,
+        dead_at_init=res.diverge_step == 1,
         collapsed=bool(not diverged and final_loss >= COLLAPSE_FRACTION * task.marginal_loss),
+        init_loss=float(L[0]), init_loss_ratio=float(L[0] / task.uniform_loss),
         final_loss=final_loss, marginal_loss=task.marginal_loss, steps_run=len(L),
-        grad_norm_step1=float(G[0]),
+        grad_norm_init=float(G[0]), grad_norm_step1=float(G[0]),
         grad_norm_step100=float(G[99]) if len(G) >= 100 else math.nan,
         grad_norm_var_1_100=float(np.var(G[:100])),
         loss_spikes_1_500=count_spikes(L, 500),
         loss_curve=downsample(L), grad_norm_curve=downsample(G),
+    )
+
+
+def make_run_task(cfg: RunConfig):
+    return make_task(cfg.task, seed=cfg.seed, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size,
+                     batch_size=cfg.batch_size)
+
+
+def train_run(cfg: RunConfig) -> tuple[dict, pd.DataFrame]:
+    """Profile at init, train, label. Returns ``(row, layers)``: one corpus row and the per-layer
+    profile table (``run_id``, ``layer`` and ``featurize.PROFILE_COLUMNS``; empty when the
+    profile failed, with the reason in ``row["profile_error"]``)."""
+    import featurize
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.model_args())
+    task = make_run_task(cfg)
+
+    tp = time.perf_counter()
+    aggs, layers, profile_error = init_profile(model, cfg)
+    profile_seconds = time.perf_counter() - tp
+
+    res = train(model, cfg, task)
+    rid = run_id(cfg)
+    row = dict(
+        run_id=rid, config_id=config_id(cfg), **asdict(cfg), **run_labels(res, task),
         n_params=sum(p.numel() for p in model.parameters()),
         **aggs, profile_error=profile_error, profile_seconds=profile_seconds,
         seconds=time.perf_counter() - t0, versions=versions(),

@@ -48,7 +48,10 @@ class TransformerConfig:
     n_layers: int = 4
     n_heads: int = 4
     mlp_ratio: int = 4
-    init_scale: float = 1.0      # multiplier on every init std (base std 0.02, GPT-2)
+    init_scale: float = 1.0      # multiplier on every init std (base std ``init_std``)
+    init_std: float = 0.02       # base std of weight matrices (GPT-2: 0.02)
+    embed_std: float = 0.0       # std of token/position embeddings; 0 → init_std × init_scale
+    out_std: float = 0.0         # std of residual output projections; 0 → GPT-2 rule (÷ √(2L))
     residual_scale: float = 1.0  # multiplier s on every residual branch output
     n_experts: int = 4           # moe only
     top_k: int = 2               # moe only
@@ -67,8 +70,12 @@ class TransformerConfig:
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
-        if not self.init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {self.init_scale!r}")
+        for name in ("init_scale", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("embed_std", "out_std"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: the default rule), got {getattr(self, name)!r}")
 
 
 class RMSNorm(nn.Module):
@@ -215,17 +222,19 @@ class TransformerLM(nn.Module):
 
     def _init_weights(self) -> None:
         cfg = self.config
-        std = 0.02 * cfg.init_scale
+        std = cfg.init_std * cfg.init_scale
         beta = (8.0 * cfg.n_layers) ** -0.25 if cfg.norm == "deepnorm" else 1.0
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() == 1:  # norm gains
                 nn.init.ones_(p)
+            elif name in ("wte.weight", "wpe.weight"):
+                nn.init.normal_(p, 0.0, cfg.embed_std or std)
             elif name.endswith("c_proj.weight") or name.endswith("c_proj.spline.weight") \
                     or name.endswith("c_proj.base.weight"):
                 # GPT-2: residual output projections scaled by 1/sqrt(2L); DeepNet: also ×β
-                nn.init.normal_(p, 0.0, std * beta / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(p, 0.0, cfg.out_std or std * beta / math.sqrt(2 * cfg.n_layers))
             elif cfg.norm == "deepnorm" and ("c_fc" in name or "c_attn" in name):
                 nn.init.normal_(p, 0.0, std * beta)
             else:
