@@ -296,3 +296,66 @@ def test_sigkill_mid_ladder_sweep_loses_and_duplicates_nothing(tmp_path):
         assert list(kept["seconds"]) == list(df.set_index("run_id").sort_index()["seconds"])
     assert not layers.duplicated(["model_id", "layer"]).any() and len(layers) == 2 * 6
     assert run_sweep(spec, out, progress=False)["ran"] == 0
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant process of ``pid`` (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc")
+def test_workers_die_with_a_killed_sweep(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text(TINY_LADDER.format(n=8, seed=5, steps=200))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "risk_model.sweep", str(spec), "--out", str(out),
+                             "--workers", "2", "--json"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        workers: set[int] = set()
+        while time.time() < deadline and proc.poll() is None:
+            # workers are busy once a unit's first run has started writing nothing yet: wait
+            # until both have been handed a unit (their CPU time grows)
+            workers = {p for p in _children(proc.pid)
+                       if "loky" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")
+                       and "popen_loky" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")}
+            if len(workers) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None and len(workers) >= 2, "no workers seen"
+        time.sleep(3)                                      # they are training now
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.time() + 20
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
+                                             "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+                                             for p in workers):
+            time.sleep(0.2)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, f"workers {alive} outlived the killed sweep"
+        n_parts = len(list((out / "parts").glob("*.runs.parquet")))
+        time.sleep(2)                                      # and nothing more gets written
+        assert len(list((out / "parts").glob("*.runs.parquet"))) == n_parts
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _children(proc.pid):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass

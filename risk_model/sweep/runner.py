@@ -194,9 +194,38 @@ def spec_units(spec) -> list[dict]:
     return [dict(unit_id=run_id(c), config=asdict(c)) for c in spec.configs()]
 
 
-def execute(unit: dict, out: str | None = None) -> dict:
+_WATCHED: set[int] = set()
+
+
+def _die_with(parent_pid: int) -> None:
+    """In a worker process: exit as soon as ``parent_pid`` (the sweep) is gone, so a killed sweep
+    leaves no worker training and writing on (once per worker process; a daemon thread polls)."""
+    if parent_pid in _WATCHED or parent_pid == os.getpid():
+        return
+    _WATCHED.add(parent_pid)
+    import threading
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # pid reused by a process we may not signal: the sweep is gone
+                os._exit(1)
+            if os.getppid() == 1:   # re-parented to init
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="die-with-sweep", daemon=True).start()
+
+
+def execute(unit: dict, out: str | None = None, parent_pid: int | None = None) -> dict:
     """Do one unit in this process. With ``out`` it is stored there and a short summary returned;
-    without, the summary carries ``rows`` and ``layers`` for the caller to store."""
+    without, the summary carries ``rows`` and ``layers`` for the caller to store. With
+    ``parent_pid`` (local worker processes) the process exits when that process is gone."""
+    if parent_pid is not None:
+        _die_with(parent_pid)
     import torch
 
     torch.set_num_threads(1)
@@ -244,7 +273,7 @@ def _results(todo: list[dict], out: Path, workers: int, backend: str, scheduler:
 
         par = Parallel(n_jobs=workers, return_as="generator_unordered", batch_size=1,
                        pre_dispatch="2*n_jobs")
-        yield from par(delayed(execute)(cfg, str(out)) for cfg in todo)
+        yield from par(delayed(execute)(cfg, str(out), os.getpid()) for cfg in todo)
 
 
 class _Progress:
