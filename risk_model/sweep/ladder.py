@@ -167,8 +167,10 @@ def parse_ladder_spec(data: dict, source: str = "") -> LadderSpec:
         if not isinstance(table, dict):
             raise SweepSpecError(f"{sec}: must be a table")
         for key in table:
-            if key not in RUN_FIELDS and key not in _EXTRA or key in ("seed", "lr", "warmup"):
+            if key not in RUN_FIELDS and key not in _EXTRA or key in ("seed", "lr"):
                 raise SweepSpecError(f"{sec}.{key}: not a {sec} key")
+        if "warmup" in table and "warmup_fraction" in table:
+            raise SweepSpecError(f"{sec}.warmup: give warmup (steps) or warmup_fraction, not both")
         sections[sec] = {k: _dist(k, v) for k, v in table.items()}
     lad = data.get("ladder")
     if not isinstance(lad, dict):
