@@ -43,7 +43,7 @@ from featurize.shaping import KoopmanSpectralShaping  # noqa: E402
 from risk_model.sweep import trainer  # noqa: E402
 from risk_model.sweep.spec import RunConfig  # noqa: E402
 from risk_model.sweep.tasks import make_task  # noqa: E402
-from risk_model.sweep.zoo import build_model  # noqa: E402
+from risk_model.zoo import build_model  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "kss.json"
 BASE = RunConfig(norm="none", d_model=64, n_layers=4, n_heads=4, seq_len=32, batch_size=16,

@@ -46,7 +46,7 @@ def main() -> None:
 
     import torch
 
-    from risk_model.sweep.zoo import build_model, save_checkpoint
+    from risk_model.zoo import build_model, save_checkpoint
 
     risk = shutil.which("risk") or str(Path(sys.executable).with_name("risk"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,32 +1,21 @@
 """SpectralProfile: the per-layer table, its aggregates, JSON round-trip and eigenvalue plot."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from . import capture as _capture
 from .dmd import dmd
+from .schema import AGGREGATED, CAP, DEGENERATE_UPDATE, EXPANSIVE, NEAR_LOW, PROFILE_COLUMNS, aggregate
 from .spectra import eigenvector_condition, kreiss_constant, spectral_masses, spectral_radius
 
-#: Fixed column schema of ``SpectralProfile.layers``. Masses (m_*) are over the ResDMD-reliable
-#: modes (over all modes when none is reliable); m_*_all are over all modes.
-PROFILE_COLUMNS: list[str] = [
-    "layer", "name", "m_exp", "m_near", "m_mid", "m_con", "rho", "kappa_v", "kreiss",
-    "eta_nl", "reliable_fraction", "degenerate",
-    "m_exp_all", "m_near_all", "m_mid_all", "m_con_all", "update_ratio", "rank",
-]
-#: Per-layer quantities that are aggregated across layers (mean, max, min, std).
-AGGREGATED: list[str] = [
-    "m_exp", "m_near", "m_mid", "m_con", "rho", "kappa_v", "kreiss", "eta_nl", "reliable_fraction",
-]
-CAP = 1e12  # κ(V) and Kreiss are capped here so that features stay finite (ours)
-DEGENERATE_UPDATE = 1e-4  # ‖Y − X‖_F / ‖X‖_F below this: residual branch is (nearly) off
+__all__ = ["AGGREGATED", "PROFILE_COLUMNS", "SpectralProfile", "layer_stats", "profile", "profile_snapshots"]
 
 
 def parse_kreiss_grid(grid: "tuple[int, int] | str | None") -> tuple[int, int] | None:
@@ -74,24 +63,19 @@ def layer_stats(
     return row
 
 
-def aggregate(layers: pd.DataFrame) -> dict[str, float]:
-    """mean/max/min/std of every aggregated column over the non-degenerate layers.
+#: Columns of the per-layer table holding numbers (floats; NaN when missing).
+_FLOAT_COLUMNS = [c for c in PROFILE_COLUMNS if c not in ("layer", "name", "degenerate", "rank")]
 
-    When every layer is degenerate, all layers are used (and ``n_degenerate`` says so).
-    """
-    use = layers[~layers["degenerate"].astype(bool)]
-    if use.empty:
-        use = layers
-    out: dict[str, float] = {}
-    for col in AGGREGATED:
-        v = use[col].astype(float).replace([np.inf], np.nan)
-        out[f"{col}_mean"] = float(v.mean())
-        out[f"{col}_max"] = float(v.max())
-        out[f"{col}_min"] = float(v.min())
-        out[f"{col}_std"] = float(v.std(ddof=0))
-    out["n_layers"] = int(len(layers))
-    out["n_degenerate"] = int(layers["degenerate"].astype(bool).sum())
-    return out
+
+def _clean(v):
+    """A JSON-ready scalar: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(v, (np.floating, float)):
+        return None if not np.isfinite(v) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
 
 
 @dataclass
@@ -100,14 +84,16 @@ class SpectralProfile:
 
     Attributes
     ----------
-    layers : DataFrame with columns ``PROFILE_COLUMNS``, one row per residual block
+    rows : list of dict, one per residual block, keys ``PROFILE_COLUMNS``
     aggregates : dict, ``{col}_{mean,max,min,std}`` for ``AGGREGATED`` plus ``n_layers``,
-        ``n_degenerate``
+        ``n_degenerate`` (``featurize.schema.aggregate``)
     eigenvalues : list of complex arrays, one per layer
     meta : dict (blocks container, n_samples, seed, rank)
+    layers : DataFrame with columns ``PROFILE_COLUMNS`` (built from ``rows`` on first use: the
+        profile itself needs no pandas)
     """
 
-    layers: pd.DataFrame
+    rows: list
     aggregates: dict
     eigenvalues: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
@@ -115,29 +101,36 @@ class SpectralProfile:
     @classmethod
     def from_rows(cls, rows: list[dict], meta: dict | None = None) -> "SpectralProfile":
         eigs = [np.asarray(r.pop("_eigenvalues", np.array([]))) for r in rows]
-        layers = pd.DataFrame(rows, columns=PROFILE_COLUMNS)
+        rows = [{c: r.get(c, np.nan) for c in PROFILE_COLUMNS} for r in rows]
+        for r in rows:
+            r["degenerate"] = bool(r["degenerate"])
+        prof = cls(rows=rows, aggregates={}, eigenvalues=eigs, meta=meta or {})
+        prof.aggregates = aggregate(prof.columns())
+        return prof
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-layer table as ``{column: array of shape (n_layers,)}``."""
+        return {c: np.array([r[c] for r in self.rows], dtype=bool if c == "degenerate" else None)
+                for c in PROFILE_COLUMNS}
+
+    @functools.cached_property
+    def layers(self):
+        """DataFrame with columns ``PROFILE_COLUMNS``, one row per residual block."""
+        import pandas as pd
+
+        layers = pd.DataFrame(self.rows, columns=PROFILE_COLUMNS)
         layers["degenerate"] = layers["degenerate"].astype(bool)
-        return cls(layers=layers, aggregates=aggregate(layers), eigenvalues=eigs, meta=meta or {})
+        return layers
 
     @property
     def degenerate_layers(self) -> list[int]:
-        return [int(i) for i in self.layers.loc[self.layers["degenerate"], "layer"]]
+        return [int(r["layer"]) for r in self.rows if r["degenerate"]]
 
     def to_dict(self) -> dict:
         """``{"layers": [...], "aggregates": {...}, "eigenvalues": [[re, im], ...], "meta": {...}}``."""
-        def clean(v):
-            if isinstance(v, (np.floating, float)):
-                return None if not np.isfinite(v) else float(v)
-            if isinstance(v, (np.integer,)):
-                return int(v)
-            if isinstance(v, np.bool_):
-                return bool(v)
-            return v
-
-        layers = [{k: clean(v) for k, v in row.items()} for row in self.layers.to_dict("records")]
         return dict(
-            layers=layers,
-            aggregates={k: clean(v) for k, v in self.aggregates.items()},
+            layers=[{k: _clean(v) for k, v in row.items()} for row in self.rows],
+            aggregates={k: _clean(v) for k, v in self.aggregates.items()},
             eigenvalues=[[[float(z.real), float(z.imag)] for z in e] for e in self.eigenvalues],
             meta=self.meta,
         )
@@ -150,14 +143,16 @@ class SpectralProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpectralProfile":
-        layers = pd.DataFrame(d["layers"], columns=PROFILE_COLUMNS)
-        for col in PROFILE_COLUMNS:
-            if col not in ("name", "degenerate", "layer", "rank"):
-                layers[col] = layers[col].astype(float)
-        layers["degenerate"] = layers["degenerate"].astype(bool)
+        rows = []
+        for r in d["layers"]:
+            row = {c: r.get(c) for c in PROFILE_COLUMNS}
+            for c in _FLOAT_COLUMNS:
+                row[c] = np.nan if row[c] is None else float(row[c])
+            row["degenerate"] = bool(row["degenerate"])
+            rows.append(row)
         eigs = [np.array([complex(a, b) for a, b in e]) for e in d.get("eigenvalues", [])]
         aggs = {k: (np.nan if v is None else v) for k, v in d["aggregates"].items()}
-        return cls(layers=layers, aggregates=aggs, eigenvalues=eigs, meta=d.get("meta", {}))
+        return cls(rows=rows, aggregates=aggs, eigenvalues=eigs, meta=d.get("meta", {}))
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "SpectralProfile":
@@ -166,22 +161,25 @@ class SpectralProfile:
         return cls.from_dict(json.loads(text))
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
-        """PNG of each layer's eigenvalues against the unit circle and the near-unit band."""
-        import matplotlib
+        """PNG of each layer's eigenvalues against the unit circle and the near-unit band.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Draws on its own Agg canvas (no pyplot, no change to matplotlib's global backend).
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         n = max(1, len(self.eigenvalues))
         cols = min(n, 4)
         rows = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+        fig = Figure(figsize=(3.2 * cols, 3.2 * rows))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(rows, cols, squeeze=False)
         t = np.linspace(0, 2 * np.pi, 400)
         for ax in axes.ravel()[n:]:
             ax.axis("off")
         for i, (ax, lam) in enumerate(zip(axes.ravel(), self.eigenvalues)):
-            row = self.layers.iloc[i]
-            for r, style in ((1.0, "k-"), (0.90, "g:"), (1.05, "r:")):
+            row = self.rows[i]
+            for r, style in ((1.0, "k-"), (NEAR_LOW, "g:"), (EXPANSIVE, "r:")):
                 ax.plot(r * np.cos(t), r * np.sin(t), style, lw=0.8)
             ax.scatter(lam.real, lam.imag, s=8, alpha=0.7)
             lim = max(1.2, float(np.max(np.abs(lam))) * 1.05 if lam.size else 1.2)
@@ -190,11 +188,11 @@ class SpectralProfile:
             ax.set_aspect("equal")
             flag = " (degenerate)" if row["degenerate"] else ""
             ax.set_title(f"layer {i}: M≈1={row['m_near']:.2f} ρ={row['rho']:.2f}{flag}", fontsize=8)
-        fig.suptitle(title or "DMD eigenvalues per layer (unit circle; band 0.90–1.05)", fontsize=10)
+        fig.suptitle(title or f"DMD eigenvalues per layer (unit circle; band {NEAR_LOW:.2f}–{EXPANSIVE:.2f})",
+                     fontsize=10)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         return path
 
 
@@ -254,7 +252,13 @@ def profile(
     """
     if n_samples < 2:
         raise _capture.CaptureError(f"n_samples must be at least 2, got {n_samples}")
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+        torch.manual_seed(seed)
+        return _profile(model, inputs, blocks=blocks, n_samples=n_samples, seed=seed, rank=rank,
+                        input_shape=input_shape, kreiss_grid=kreiss_grid, progress=progress)
+
+
+def _profile(model, inputs, *, blocks, n_samples, seed, rank, input_shape, kreiss_grid, progress):
     name, _ = _capture.find_blocks(model, blocks)
     if inputs is None:
         inputs = _capture.make_probe(model, n_samples, seed=seed, input_shape=input_shape)

@@ -57,12 +57,13 @@ from torch import nn
 
 from .capture import CaptureError, _first_tensor, find_blocks
 from .dmd import EPS, RANK_RTOL
+from .schema import EXPANSIVE, NEAR_LOW
 
 __all__ = ["KoopmanSpectralShaping", "band_penalty", "dmd_eigenvalues", "kss_loss"]
 
 TEMPERATURE = 20.0  # T: sharpness of the soft band edges
-TAU_UPPER = 1.05  # τ_u: |λ| above this is expansive
-TAU_LOWER = 0.90  # τ_l: lower edge of the near-unit band
+TAU_UPPER = EXPANSIVE  # τ_u: |λ| above this is expansive
+TAU_LOWER = NEAR_LOW  # τ_l: lower edge of the near-unit band
 #: Cap on ‖∂L/∂Â‖_F relative to ‖∂L/∂λ‖₂. The two are equal for a normal Â; a near-defective Â
 #: (ill-conditioned eigenvectors) would otherwise turn a modest penalty into a gradient spike.
 MAX_GRAD_GAIN = 30.0

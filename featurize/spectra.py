@@ -5,9 +5,7 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
-EXPANSIVE = 1.05  # |λ| > 1.05
-NEAR_LOW = 0.90  # 0.90 ≤ |λ| ≤ 1.05 is near-unit
-CONTRACTIVE = 0.80  # |λ| < 0.80
+from .schema import CONTRACTIVE, EXPANSIVE, NEAR_LOW  # the mass bands, named once
 
 
 def spectral_masses(eigenvalues: np.ndarray) -> dict[str, float]:

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from risk_model.errors import UsageError
+
 app = typer.Typer(
     name="risk",
     help="Probability that a transformer training run diverges, from one forward pass at init.",
@@ -42,16 +44,17 @@ def fail(msg: str) -> None:
 
 
 def user_errors(fn):
-    """Turn the library's user-facing errors into one stderr line and exit code 1."""
+    """Turn the project's own error types (``risk_model.errors``, the featurizer's ``CaptureError``)
+    into one stderr line and exit code 1. Anything else is a bug and shows as one."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from featurize.capture import CaptureError
-        from risk_model.loading import ModelLoadError
+        from risk_model.errors import RiskError
 
         try:
             return fn(*args, **kwargs)
-        except (CaptureError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        except (CaptureError, RiskError) as e:
             fail(str(e).splitlines()[0] if str(e) else e.__class__.__name__)
         except KeyboardInterrupt:
             fail("interrupted")
@@ -112,7 +115,7 @@ def profile_table(prof) -> "object":
                  kreiss="Kreiss", eta_nl="η_nl", reliable_fraction="reliable", degenerate="degen.")
     for name, _ in cols:
         table.add_column(heads.get(name, name), justify="right", no_wrap=True)
-    for row in prof.layers.to_dict("records"):
+    for row in prof.rows:
         cells = []
         for name, fmt in cols:
             v = row[name]
@@ -128,7 +131,7 @@ def _parse_shape(input_shape: Optional[str]) -> Optional[tuple[int, ...]]:
     try:
         return tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"--input-shape must look like 64,128 (got {input_shape!r})") from None
+        raise UsageError(f"--input-shape must look like 64,128 (got {input_shape!r})") from None
 
 
 def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples: int, seed: int,
@@ -138,7 +141,7 @@ def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples:
     from risk_model.loading import load_model
 
     if n_samples < 2:
-        raise ValueError(f"--n-samples must be at least 2, got {n_samples}")
+        raise UsageError(f"--n-samples must be at least 2, got {n_samples}")
     shape = _parse_shape(input_shape)
     model = load_model(model_path, trust_pickle=trust_pickle)
     bar = LazyProgress()
@@ -215,13 +218,13 @@ def _check_lrs(lrs: Optional[list[float]]) -> list[float]:
     lrs = list(lrs or [])
     for v in lrs:
         if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"--lr must be a positive number, got {v:g}")
+            raise UsageError(f"--lr must be a positive number, got {v:g}")
     return lrs
 
 
 def _load_predictor(predictor: Optional[str]):
     """The served bundle: shipped default (no mlflow import), a directory, or a models:/ URI."""
-    from risk_model.predictor import load_bundle
+    from risk_model.serve import load_bundle
 
     if predictor and predictor.startswith(("models:/", "runs:/")):
         from risk_model import tracking
@@ -235,26 +238,67 @@ def _load_predictor(predictor: Optional[str]):
 
 
 def _profile_for(model_obj, bundle, *, blocks, inputs, input_shape):
+    """Profile with the settings the predictor's training corpus was profiled with."""
+    import torch
+
     from featurize import profile
 
     settings = bundle.metadata.get("profile_settings") or {}
     shape = _parse_shape(input_shape)
-    import torch
-    from threadpoolctl import threadpool_limits
-
     bar = LazyProgress()
     threads = torch.get_num_threads()
+    # per-layer matrices are small (d × N): one torch thread is faster than several, and far faster
+    # on a shared machine (measured: 7 s vs 20 s for d=256, L=6 on 2 busy cores)
     torch.set_num_threads(1)
     try:
-        # per-layer matrices are small (d × N): one BLAS/torch thread is faster than several, and far
-        # faster on a shared machine (measured: 7 s vs 20 s for d=256, L=6 on 2 busy cores)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _one_blas_thread():
             return profile(model_obj, inputs, blocks=blocks, n_samples=int(settings.get("n_samples", 2048)),
                            seed=int(settings.get("seed", 0)), rank=settings.get("rank", 32) or None,
                            input_shape=shape, kreiss_grid=settings.get("kreiss_grid") or None, progress=bar)
     finally:
         torch.set_num_threads(threads)
         bar.close()
+
+
+def _one_blas_thread():
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def kss_sentence() -> str:
+    """The KSS recommendation, worded from its measured effect (``serve.KSS_EFFECT``): recommended
+    only when it reduced divergence significantly (one-sided Fisher exact test, p < 0.05)."""
+    from risk_model.serve import KSS_EFFECT as k
+
+    off = k["diverged_without"] / k["runs_without"]
+    on = k["diverged_with"] / k["runs_with"]
+    measured = (f"{100 * off:.0f}% → {100 * on:.0f}% of runs diverged without → with KSS ({k['runs_without']} vs "
+                f"{k['runs_with']} runs, one-sided Fisher p={k['fisher_p']:.2g}, "
+                f"{k['overhead_pct']:.0f}% step-time overhead)")
+    if on < off and k["fisher_p"] < 0.05:
+        return f"enable KSS during training (α=0.15); measured here: {measured}"
+    if on < off:
+        return (f"KSS is not recommended as a fix yet: its measured reduction is not significant ({measured}); "
+                "lower the learning rate instead")
+    return (f"KSS is not recommended as a fix yet: in our measurement it did not reduce divergence ({measured}); "
+            "lower the learning rate instead")
+
+
+def recommendations(res) -> list[str]:
+    """What to do, worded from an ``Assessment``."""
+    safe, threshold = res.max_safe_lr, res.threshold
+    if res.worst < threshold:
+        return ["risk is low at the given setting" + (f"; learning rates up to {safe:.2g} stay below "
+                                                      f"P(divergence) {threshold:g}" if safe else "")]
+    if safe is not None:
+        first = f"lower the learning rate to at most {safe:.2g} (largest rate with P(divergence) < {threshold:g})"
+    elif res.method == "xgboost":
+        first = (f"no learning rate in 1e-5…1 is below P(divergence) {threshold:g} for this model: change the "
+                 "architecture (normalisation, init scale)")
+    else:
+        first = "give --lr to find the largest safe learning rate"
+    return [first, kss_sentence()]
 
 
 def _print_assessment(out: dict, prof, console=None) -> None:
@@ -289,13 +333,15 @@ def _print_assessment(out: dict, prof, console=None) -> None:
 
 def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batch_size, steps, threshold,
                   blocks, inputs, input_shape):
+    """Profile + assess one model; the JSON-ready result (with its wording) and the profile."""
     from risk_model.features import infer_width
-    from risk_model.predictor import assess
+    from risk_model.serve import Request, assess
 
     prof = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape)
-    out = assess(prof, bundle=bundle, width=infer_width(model_obj), lrs=lrs, optimizer=optimizer, warmup=warmup,
-                 batch_size=batch_size, steps=steps, threshold=threshold)
-    return {"model": label, **out}, prof
+    req = Request(lrs=list(lrs), width=infer_width(model_obj), optimizer=optimizer, warmup=warmup,
+                  batch_size=batch_size, steps=steps, threshold=threshold)
+    res = assess(prof, bundle=bundle, request=req)
+    return {"model": label, **res.to_dict(), "recommendation": recommendations(res)}, prof
 
 
 @app.command("predict")
@@ -318,20 +364,16 @@ def predict_cmd(
 ) -> None:
     """P(divergence) of training MODEL at each --lr, the largest safe LR, and the profile behind it."""
     from risk_model.loading import load_model
-    from risk_model.predictor import PredictorError
 
     lrs = _check_lrs(lr)
     _check_output_path(plot, ".png")
     if not 0 < threshold < 1:
-        raise ValueError(f"--threshold must be in (0, 1), got {threshold}")
-    try:
-        bundle = _load_predictor(predictor)
-        model_obj = load_model(model, trust_pickle=trust_pickle)
-        out, prof = _assess_model(model_obj, str(model), bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
-                                  batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
-                                  inputs=inputs, input_shape=input_shape)
-    except PredictorError as e:
-        fail(str(e))
+        raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
+    bundle = _load_predictor(predictor)
+    model_obj = load_model(model, trust_pickle=trust_pickle)
+    out, prof = _assess_model(model_obj, str(model), bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
+                              batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
+                              inputs=inputs, input_shape=input_shape)
     if plot is not None:
         prof.plot(plot, title=f"{model.name}: DMD eigenvalues per layer")
     if as_json:
@@ -364,26 +406,22 @@ def score_cmd(
     first --lr, or the config-free estimate).
     """
     from risk_model import tracking
-    from risk_model.predictor import PredictorError
 
     lrs = _check_lrs(lr)
     if (model_uri is None) == (all_versions is None):
-        raise ValueError("give exactly one of MODEL_URI or --all NAME")
-    try:
-        tracking.connect(must_exist=True)
-        uris = tracking.all_versions(all_versions) if all_versions else [model_uri]
-        for u in uris:
-            tracking.parse_model_uri(u)
-        bundle = _load_predictor(predictor)
-        results = []
-        for u in uris:  # everything is computed before any tag is written
-            model_obj, mv = tracking.load_pytorch_model(u)
-            out, prof = _assess_model(model_obj, u, bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
-                                      batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
-                                      inputs=None, input_shape=input_shape)
-            results.append((mv, out, prof))
-    except PredictorError as e:
-        fail(str(e))
+        raise UsageError("give exactly one of MODEL_URI or --all NAME")
+    tracking.connect(must_exist=True)
+    uris = tracking.all_versions(all_versions) if all_versions else [model_uri]
+    for u in uris:
+        tracking.parse_model_uri(u)
+    bundle = _load_predictor(predictor)
+    results = []
+    for u in uris:  # everything is computed before any tag is written
+        model_obj, mv = tracking.load_pytorch_model(u)
+        out, prof = _assess_model(model_obj, u, bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
+                                  batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
+                                  inputs=None, input_shape=input_shape)
+        results.append((mv, out, prof))
     for mv, out, _ in results:
         first = out["predictions"][0]
         tags = {tracking.TAG_P: f"{first['p_divergence']:.6f}", tracking.TAG_RISK: first["risk"],
@@ -412,9 +450,9 @@ def _check_cv_options(calibration: str, n_splits: int) -> None:
     from risk_model.predictor import CALIBRATIONS
 
     if calibration not in CALIBRATIONS:
-        raise ValueError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+        raise UsageError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     if n_splits < 2:
-        raise ValueError(f"--n-splits must be at least 2, got {n_splits}")
+        raise UsageError(f"--n-splits must be at least 2, got {n_splits}")
 
 
 def _load_corpus_verbose(corpus: list[Path]):
@@ -444,17 +482,17 @@ def train_cmd(
     import tempfile
 
     from risk_model.evaluate import evaluate_corpus, flat_metrics
-    from risk_model.predictor import train_bundle
+    from risk_model.train import train_bundle
 
     _check_cv_options(calibration, n_splits)
     if rounds < 1:
-        raise ValueError(f"--rounds must be at least 1, got {rounds}")
+        raise UsageError(f"--rounds must be at least 1, got {rounds}")
     xgb_params = {"num_boost_round": rounds}
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not a predictor bundle: choose another --out")
+        raise UsageError(f"{out} exists and is not a predictor bundle: choose another --out")
     c = _load_corpus_verbose(corpus)
     if c.runs["diverged"].nunique() < 2:
-        raise ValueError("the corpus holds one class only: need diverged and stable runs")
+        raise UsageError("the corpus holds one class only: need diverged and stable runs")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         res = evaluate_corpus(c, out_dir=tmp / "evaluation", n_splits=n_splits, seed=seed,
@@ -498,7 +536,7 @@ def evaluate_cmd(
 
     _check_cv_options(calibration, n_splits)
     if n_boot < 1:
-        raise ValueError(f"--n-boot must be at least 1, got {n_boot}")
+        raise UsageError(f"--n-boot must be at least 1, got {n_boot}")
     c = _load_corpus_verbose(corpus)
     bar = LazyProgress()
     try:

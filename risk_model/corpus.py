@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from featurize.schema import AGGREGATED, CORE_AGGREGATED, aggregate, aggregate_names
+
+from .errors import CorpusError
+
 #: Columns every corpus ``runs`` table must have.
 ID_COLUMNS = ["run_id", "config_id"]
 CONFIG_COLUMNS = [
@@ -33,57 +37,37 @@ REQUIRED_RUN_COLUMNS = ID_COLUMNS + CONFIG_COLUMNS + LABEL_COLUMNS + BASELINE_CO
 NUMERIC_CONFIG = ["d_model", "n_layers", "n_heads", "init_scale", "lr", "warmup", "batch_size", "steps", "seed"]
 
 
-class CorpusError(ValueError):
-    """A corpus cannot be used as given (missing file or columns); the message says which."""
-
-
-def _aggregated() -> list[str]:
-    from featurize.profile import AGGREGATED
-
-    return AGGREGATED
-
-
 def aggregate_columns() -> list[str]:
-    """Names of the profile aggregates: ``{col}_{mean,max,min,std}`` plus n_layers/n_degenerate."""
-    return [f"{c}_{s}" for c in _aggregated() for s in ("mean", "max", "min", "std")]
+    """Names of the profile aggregates every corpus carries: ``{col}_{mean,max,min,std}`` of
+    ``CORE_AGGREGATED``."""
+    return aggregate_names(CORE_AGGREGATED)
 
 
-def aggregate_layers(layers: pd.DataFrame, *, extra_only: bool = False) -> pd.DataFrame:
-    """Per-run profile aggregates from a long layer table, by ``featurize.profile.aggregate``'s rule.
+def aggregate_layers(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per-run profile aggregates from a long layer table, by ``featurize.schema.aggregate``'s rule
+    (the rule a profile's own aggregates follow).
 
     Parameters
     ----------
-    layers : DataFrame with ``run_id``, ``degenerate`` and the ``AGGREGATED`` columns (and,
-        when present, ``features.EXTRA_AGGREGATED``), one row per (run, layer)
-    extra_only : aggregate only ``EXTRA_AGGREGATED`` (missing columns give NaN)
+    layers : DataFrame with ``run_id``, ``degenerate`` and the ``AGGREGATED`` columns, one row per
+        (run, layer); missing ``EXTRA_AGGREGATED`` columns give NaN aggregates
 
     Returns
     -------
-    DataFrame indexed by run_id with ``aggregate_columns()``, the ``EXTRA_AGGREGATED`` aggregates and
-    ``n_degenerate`` (the run's ``n_layers`` comes from the runs table as a config column)
+    DataFrame indexed by run_id (sorted) with ``aggregate_names()`` and ``n_degenerate`` (the run's
+    ``n_layers`` comes from the runs table as a config column)
     """
-    from .features import EXTRA_AGGREGATED
-
-    layers = layers.copy()
-    for c in EXTRA_AGGREGATED:
-        if c not in layers:
-            layers[c] = np.nan
-    cols = (EXTRA_AGGREGATED if extra_only else _aggregated() + EXTRA_AGGREGATED)
-    deg = layers["degenerate"].astype(bool)
-    all_deg = deg.groupby(layers["run_id"]).transform("all")
-    use = layers[~deg | all_deg].copy()  # every layer when all are degenerate, as aggregate() does
-    vals = use[cols].astype(float).replace([np.inf], np.nan)
-    vals["run_id"] = use["run_id"].to_numpy()
-    g = vals.groupby("run_id", sort=True)
-    parts = {
-        "mean": g.mean(), "max": g.max(), "min": g.min(), "std": g.std(ddof=0),
-    }
-    out = pd.DataFrame(index=parts["mean"].index)
-    for c in cols:
-        for s in ("mean", "max", "min", "std"):
-            out[f"{c}_{s}"] = parts[s][c]
-    if not extra_only:
-        out["n_degenerate"] = deg.groupby(layers["run_id"]).sum().reindex(out.index).astype(int)
+    cols = [c for c in AGGREGATED if c in layers.columns] + ["degenerate"]
+    rows, ids = [], []
+    for rid, g in layers.groupby("run_id", sort=True):
+        table = {c: g[c].to_numpy() for c in cols}
+        agg = aggregate(table)
+        agg.pop("n_layers")
+        rows.append(agg)
+        ids.append(rid)
+    out = pd.DataFrame(rows, index=pd.Index(ids, name="run_id"),
+                       columns=aggregate_names() + ["n_degenerate"])
+    out["n_degenerate"] = out["n_degenerate"].astype(int)
     return out
 
 
@@ -166,16 +150,23 @@ def read_source(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     Per-step curves (list columns) are dropped: nothing here uses them. Layers of a ladder
     corpus (keyed by ``model_id``) are given to each of the model's runs.
     """
-    runs, layers = _read_source(path)
+    runs, layers = read_tables(path)
     return runs, _layers_per_run(runs, layers)
 
 
-def _read_source(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+CURVES = ("loss_curve", "grad_norm_curve")
+
+
+def read_tables(path: str | Path, *, curves: bool = False) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``(runs, layers)`` of a corpus directory (or a runs.parquet path) as stored: the one reader
+    of corpus files. ``curves``: keep the per-step list columns. ``layers`` is None without a layer
+    table. A sweep folder without a consolidated runs.parquet yet is read from its ``parts/``."""
     path = Path(path)
+    drop = () if curves else CURVES
     runs_path = path / "runs.parquet" if path.is_dir() else path
     if not runs_path.exists() and path.is_dir() and any((path / "parts").glob("*.runs.parquet")):
         runs, layers = _read_parts(path / "parts")
-        return runs.drop(columns=[c for c in ("loss_curve", "grad_norm_curve") if c in runs]), layers
+        return runs.drop(columns=[c for c in drop if c in runs]), layers
     if not runs_path.exists():
         raise CorpusError(f"{path}: no runs.parquet (give a corpus directory made by `risk sweep`)")
     try:
@@ -183,8 +174,11 @@ def _read_source(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise CorpusError(f"{runs_path}: not a readable parquet file ({e.__class__.__name__})") from e
     layers_path = runs_path.with_name("layers.parquet")
-    layers = pd.read_parquet(layers_path) if layers_path.exists() else None
-    return runs.drop(columns=[c for c in ("loss_curve", "grad_norm_curve") if c in runs]), layers
+    try:
+        layers = pd.read_parquet(layers_path) if layers_path.exists() else None
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise CorpusError(f"{layers_path}: not a readable parquet file ({e.__class__.__name__})") from e
+    return runs.drop(columns=[c for c in drop if c in runs]), layers
 
 
 def check_columns(runs: pd.DataFrame, layers: pd.DataFrame | None, source: str) -> None:
@@ -193,7 +187,7 @@ def check_columns(runs: pd.DataFrame, layers: pd.DataFrame | None, source: str) 
     if missing:
         raise CorpusError(f"{source}: runs table is missing required columns: {', '.join(missing)}")
     if layers is not None:
-        need = ["run_id", "layer", "degenerate"] + _aggregated()
+        need = ["run_id", "layer", "degenerate"] + CORE_AGGREGATED
         lmiss = [c for c in need if c not in layers.columns]
         if lmiss:
             raise CorpusError(f"{source}: layers table is missing required columns: {', '.join(lmiss)}")

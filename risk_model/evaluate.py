@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .predictor import P_CLIP, RiskPredictor, _fit_isotonic, _isotonic_apply
+from .predictor import P_CLIP, BoostedRiskModel, CalibratedRiskModel, IsotonicCalibrator, IsotonicRiskModel
 
 
 # ==================================================================== metrics
@@ -170,7 +170,7 @@ def _iso_candidate(name: str, key: str, raw, group="baseline") -> Candidate:
         ytr = tr["diverged"].to_numpy()
         if len(np.unique(ytr)) < 2:
             return np.full(len(te), ytr.mean())
-        return np.clip(_isotonic_apply(s_te, *_fit_isotonic(s_tr, ytr)), P_CLIP, 1 - P_CLIP)
+        return np.clip(IsotonicCalibrator().fit(s_tr, ytr).predict(s_te), P_CLIP, 1 - P_CLIP)
     return Candidate(name, key, fit_predict, raw, group)
 
 
@@ -194,15 +194,23 @@ def _lr_norm(df: pd.DataFrame) -> pd.DataFrame:
     return out.set_axis(df.index)
 
 
-def _predictor_candidate(name: str, key: str, group: str, **kwargs) -> Candidate:
+def _predictor_candidate(name: str, key: str, group: str, make: Callable[[], object],
+                         raw: Callable[[pd.DataFrame], np.ndarray] | None = None) -> Candidate:
+    """A served predictor under CV: ``make()`` gives a new unfitted estimator per fold."""
     def fit_predict(tr: pd.DataFrame, te: pd.DataFrame) -> np.ndarray:
         ytr = tr["diverged"].to_numpy()
         if len(np.unique(ytr)) < 2:
             return np.full(len(te), ytr.mean())
-        est = RiskPredictor(**kwargs).fit(tr, ytr, groups=tr["group_id"].to_numpy())
+        est = make().fit(tr, ytr, groups=tr["group_id"].to_numpy())
         return est.predict_proba(te)[:, 1]
-    raw = _raw_column(kwargs.get("score", "m_near_mean")) if kwargs.get("method") == "isotonic" else None
     return Candidate(name, key, fit_predict, raw, group)
+
+
+def boosted(calibration: str = "platt", xgb_params: dict | None = None, n_splits: int = 5,
+            random_state: int = 0) -> CalibratedRiskModel:
+    """The config-aware predictor: XGBoost on profile + config, calibrated on out-of-fold predictions."""
+    return CalibratedRiskModel(BoostedRiskModel(xgb_params=xgb_params, random_state=random_state),
+                               method=calibration, n_splits=n_splits, random_state=random_state)
 
 
 def candidates(calibration: str = "platt", xgb_params: dict | None = None) -> list[Candidate]:
@@ -210,11 +218,12 @@ def candidates(calibration: str = "platt", xgb_params: dict | None = None) -> li
     ``log LR + one-hot(norm)`` baseline last)."""
     other = "isotonic" if calibration == "platt" else "platt"
     return [
-        _predictor_candidate("M≈1 (layer mean), isotonic — paper", "isotonic", "predictor", method="isotonic"),
+        _predictor_candidate("M≈1 (layer mean), isotonic — paper", "isotonic", "predictor", IsotonicRiskModel,
+                             raw=_raw_column("m_near_mean")),
         _predictor_candidate("XGBoost profile + config, calibrated — ours", "xgboost", "predictor",
-                             method="xgboost", calibration=calibration, xgb_params=xgb_params),
+                             lambda: boosted(calibration, xgb_params)),
         _predictor_candidate(f"XGBoost profile + config, {other} calibration instead", f"xgboost_{other}",
-                             "predictor", method="xgboost", calibration=other, xgb_params=xgb_params),
+                             "predictor", lambda: boosted(other, xgb_params)),
         _iso_candidate("M≈1 (layer mean) reversed: lower = riskier (direction read off the data)",
                        "m_near_reversed", _neg(_raw_column("m_near_mean")), "spectral"),
         _iso_candidate("Spectral radius ρ (max over layers)", "rho_max", _raw_column("rho_max"), "spectral"),

@@ -1,21 +1,21 @@
 """Feature matrix: init-time profile aggregates + the training config (DESIGN §8).
 
 The profile does not depend on the learning rate; the label does. So the config-aware predictor
-sees both: the aggregates ``{col}_{mean,max,min,std}`` of ``featurize.AGGREGATED`` and of
-``EXTRA_AGGREGATED`` (per-layer columns of the profile that the featurizer does not aggregate:
-the residual update ratio and the masses over all modes; same rule, non-degenerate layers), plus
+sees both: the aggregates ``{col}_{mean,max,min,std}`` of every per-layer column in
+``featurize.schema.AGGREGATED`` (one rule, ``featurize.schema.aggregate``), plus
 ``n_layers``/``n_degenerate``, and the config as ``log10_lr``, ``warmup``, ``log2_batch_size``,
 ``steps``, ``d_model`` (width) and a one-hot of the optimizer (``opt_<name>``, vocabulary fixed at
 fit time).
 
-Kept free of scikit-learn, xgboost and mlflow: ``risk predict`` imports it.
+Kept free of pandas, scikit-learn, xgboost and mlflow: ``risk predict`` imports it.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import pandas as pd
+
+from featurize.schema import EXTRA_AGGREGATED, aggregate_names
 
 #: Config features besides the optimizer one-hot, in order.
 CONFIG_FEATURES = ["log10_lr", "warmup", "log2_batch_size", "steps", "d_model"]
@@ -25,28 +25,13 @@ FEATURE_LIMIT = 1e30
 PAPER_SCORE = "m_near_mean"
 
 
-#: Per-layer profile columns aggregated here besides ``featurize.AGGREGATED`` (ours).
-EXTRA_AGGREGATED = ["update_ratio", "m_exp_all", "m_near_all", "m_mid_all", "m_con_all"]
-STATS = ("mean", "max", "min", "std")
-
-
 def config_first(name: str) -> int:
     """Sort key putting config features (the user's knobs) before profile features."""
     return 0 if name in CONFIG_FEATURES or name.startswith("opt_") else 1
 
 
 def profile_feature_names() -> list[str]:
-    from featurize.profile import AGGREGATED
-
-    return [f"{c}_{s}" for c in AGGREGATED + EXTRA_AGGREGATED for s in STATS] + ["n_layers", "n_degenerate"]
-
-
-def profile_aggregates(prof) -> dict:
-    """The profile's own aggregates plus those of ``EXTRA_AGGREGATED``, by the corpus's rule."""
-    from .corpus import aggregate_layers
-
-    extra = aggregate_layers(prof.layers.assign(run_id=0), extra_only=True)
-    return dict(prof.aggregates, **{k: float(v) for k, v in extra.iloc[0].items()})
+    return aggregate_names() + ["n_layers", "n_degenerate"]
 
 
 def config_feature_names(optimizers: list[str]) -> list[str]:
@@ -58,54 +43,84 @@ def feature_names(optimizers: list[str], *, with_config: bool = True) -> list[st
     return profile_feature_names() + (config_feature_names(optimizers) if with_config else [])
 
 
-def build_features(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """The feature frame, columns ``names``, from a table of runs (corpus rows or a predict request).
+def n_rows(table) -> int:
+    """Rows of a DataFrame or of a mapping column -> array (every column the same length)."""
+    if hasattr(table, "index"):
+        return len(table.index)
+    return len(np.atleast_1d(np.asarray(next(iter(table.values()))))) if len(table) else 0
+
+
+def feature_matrix(table, names: list[str]) -> np.ndarray:
+    """The feature matrix, columns ``names``, from a table of runs (corpus rows or a predict request).
 
     Parameters
     ----------
-    table : DataFrame with the profile aggregates and raw config columns (``lr``, ``warmup``,
-        ``batch_size``, ``steps``, ``d_model``, ``n_layers``, ``optimizer``)
+    table : DataFrame, or mapping column -> array-like of shape (n_rows,)
+        The profile aggregates and raw config columns (``lr``, ``warmup``, ``batch_size``,
+        ``steps``, ``d_model``, ``n_layers``, ``optimizer``).
     names : list of str, from ``feature_names``
 
     Returns
     -------
-    DataFrame of shape (n_rows, len(names)), float; ±inf are missing (NaN) and magnitudes are clipped
+    ndarray of shape (n_rows, len(names)), float; ±inf are missing (NaN) and magnitudes are clipped
     to ``FEATURE_LIMIT`` (κ(V) of a near-defective layer can exceed float32, which XGBoost uses)
     """
-    cols: dict[str, np.ndarray] = {}
-    n_rows = len(table)
-    for n in names:
-        if n == "log10_lr":
-            lr = table["lr"].to_numpy(dtype=float)
+    n = n_rows(table)
+    cols: list[np.ndarray] = []
+    for name in names:
+        if name == "log10_lr":
+            lr = np.asarray(table["lr"], dtype=float)
             if (lr <= 0).any():
                 raise ValueError(f"learning rates must be > 0, got {lr[lr <= 0][0]}")
-            cols[n] = np.log10(lr)
-        elif n == "log2_batch_size":
-            cols[n] = np.log2(table["batch_size"].to_numpy(dtype=float))
-        elif n.startswith("opt_"):
-            cols[n] = (table["optimizer"].astype(str).str.lower() == n[4:]).to_numpy(dtype=float)
-        elif n in table:
-            cols[n] = pd.to_numeric(table[n], errors="coerce").to_numpy(dtype=float)
-        elif n.rsplit("_", 1)[0] in EXTRA_AGGREGATED:
-            cols[n] = np.full(n_rows, np.nan)  # a corpus without a layer table: XGBoost treats it as missing
+            col = np.log10(lr)
+        elif name == "log2_batch_size":
+            col = np.log2(np.asarray(table["batch_size"], dtype=float))
+        elif name.startswith("opt_"):
+            opt = np.char.lower(np.asarray(table["optimizer"]).astype(str))
+            col = (opt == name[4:]).astype(float)
+        elif name in table:
+            col = _to_float(table[name])
+        elif name.rsplit("_", 1)[0] in EXTRA_AGGREGATED:
+            col = np.full(n, np.nan)  # a corpus without a layer table: XGBoost treats it as missing
         else:
-            raise ValueError(f"feature {n!r} cannot be built: column missing from the input")
-    arr = np.column_stack([cols[n] for n in names]) if names else np.empty((n_rows, 0))
+            raise ValueError(f"feature {name!r} cannot be built: column missing from the input")
+        cols.append(np.broadcast_to(col, (n,)))
+    arr = np.column_stack(cols).astype(float) if names else np.empty((n, 0))
     arr[np.isinf(arr)] = np.nan
     np.clip(arr, -FEATURE_LIMIT, FEATURE_LIMIT, out=arr)
-    return pd.DataFrame(arr, index=table.index, columns=list(names))
+    return arr
+
+
+def _to_float(values) -> np.ndarray:
+    """Numbers as floats; anything that is not a number becomes NaN (as ``pd.to_numeric(errors="coerce")``)."""
+    try:
+        return np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        import pandas as pd
+
+        return pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce").to_numpy(dtype=float)
+
+
+def build_features(table, names: list[str]):
+    """``feature_matrix`` as a DataFrame (columns ``names``, the table's index when it has one)."""
+    import pandas as pd
+
+    return pd.DataFrame(feature_matrix(table, names), index=getattr(table, "index", None), columns=list(names))
 
 
 def request_table(aggregates: dict, *, lrs: list[float], optimizer: str, warmup: float, batch_size: float,
-                  steps: float, d_model: float) -> pd.DataFrame:
-    """One row per learning rate: the model's profile aggregates + a training config."""
-    rows = []
+                  steps: float, d_model: float) -> dict[str, np.ndarray]:
+    """One row per learning rate: the model's profile aggregates + a training config, as
+    ``{column: array of shape (len(lrs),)}`` (what ``feature_matrix`` reads; no pandas)."""
     for lr in lrs:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"--lr must be a positive number, got {lr}")
-        rows.append(dict(aggregates, lr=float(lr), optimizer=optimizer, warmup=float(warmup),
-                         batch_size=float(batch_size), steps=float(steps), d_model=float(d_model)))
-    return pd.DataFrame(rows)
+    n = len(lrs)
+    table = {k: np.full(n, np.nan if v is None else v) for k, v in aggregates.items()}
+    table.update(lr=np.asarray(lrs, dtype=float), optimizer=np.full(n, optimizer),
+                 warmup=np.full(n, float(warmup)), batch_size=np.full(n, float(batch_size)),
+                 steps=np.full(n, float(steps)), d_model=np.full(n, float(d_model)))
+    return table
 
 
 def infer_width(model) -> int | None:

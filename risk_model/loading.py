@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 
-class ModelLoadError(ValueError):
-    """The file is not a model we can load; the message says what to do."""
+from .errors import ModelLoadError
+
+__all__ = ["ModelLoadError", "load_model"]
 
 
 def _strip_compile_prefix(sd: dict) -> dict:
@@ -87,7 +88,7 @@ def example_model(spec: str = "example") -> nn.Module:
     norm = spec.split(":", 1)[1] if ":" in spec else "pre_ln"
     if norm not in EXAMPLE_NORMS:
         raise ModelLoadError(f"unknown example {spec!r}: use example or example:<norm> with norm in {', '.join(EXAMPLE_NORMS)}")
-    from risk_model.sweep.zoo import build_model
+    from risk_model.zoo import build_model
 
     torch.manual_seed(0)
     return build_model(dict(family="gpt", norm=norm, d_model=64, n_layers=4, n_heads=4,
@@ -138,7 +139,7 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
         args = obj.get("model_args", obj.get("config"))
         if isinstance(args, str):
             args = json.loads(args)
-        from risk_model.sweep.zoo import build_model
+        from risk_model.zoo import build_model
 
         try:
             model = build_model(dict(args))

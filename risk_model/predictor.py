@@ -1,68 +1,61 @@
-"""RiskPredictor: P(divergence) from an init-time profile (+ training config), saved without pickle.
+"""Estimators of P(divergence) and their JSON I/O (DESIGN §8). No pickle, no serving logic.
 
-Two methods (DESIGN §8):
+Two estimators and a calibrator, composed the way scikit-learn's ``CalibratedClassifierCV`` does:
 
-``method="isotonic"`` (the paper's predictor)
+``IsotonicRiskModel`` (the paper's predictor)
     s = layer-mean M≈1 (``m_near_mean``) → ``IsotonicRegression(increasing=True,
     out_of_bounds="clip")``. Config-free: it cannot tell a safe learning rate from an unsafe one.
-``method="xgboost"`` (ours)
-    Gradient-boosted trees on the profile aggregates + training config (``features``), monotone
-    increasing in log10 lr, calibrated (isotonic or Platt) on out-of-fold predictions from a
-    GroupKFold over ``groups`` (config ids, so a config's seeds never straddle folds).
+``BoostedRiskModel`` (ours)
+    Gradient-boosted trees (XGBoost, ``binary:logistic``) on the profile aggregates + training config
+    (``features``), monotone increasing in log10 lr. Its probabilities are uncalibrated.
+``CalibratedRiskModel(estimator, method="platt"|"isotonic")``
+    Fits a ``PlattCalibrator`` or ``IsotonicCalibrator`` on out-of-fold predictions of ``estimator``
+    from a GroupKFold over ``groups`` (a model's learning rates, or a config's seeds, never straddle
+    folds), then refits ``estimator`` on every row.
 
 Saved as a directory: ``metadata.json`` (method, feature list, versions, corpus hash, metrics,
 profile settings, feature ranges), ``isotonic.json`` (the isotonic map's thresholds) or
-``calibrator.json`` + ``booster.json`` (XGBoost's own JSON format). ``load`` needs numpy and, for
-the XGBoost method, xgboost; never scikit-learn or mlflow, so ``risk predict`` starts fast.
-
-A *bundle* directory (``manifest.json`` + ``config_aware/`` + ``config_free/``) holds both: the
-shipped default in ``models/default``.
+``calibrator.json`` + ``booster.json`` (XGBoost's own JSON format). ``load_predictor`` needs numpy
+only: the booster is evaluated by ``risk_model.booster`` (no xgboost, scikit-learn or mlflow import).
 
 Examples
 --------
->>> pred = RiskPredictor(method="isotonic").fit(X, y)        # doctest: +SKIP
->>> pred.predict_proba(X)[:, 1]                             # doctest: +SKIP
->>> pred.save("models/mine"); RiskPredictor.load("models/mine")  # doctest: +SKIP
+>>> pred = CalibratedRiskModel(BoostedRiskModel(), method="platt").fit(X, y, groups)  # doctest: +SKIP
+>>> pred.predict_proba(X)[:, 1]                                                      # doctest: +SKIP
+>>> save_predictor(pred, "models/mine"); load_predictor("models/mine")               # doctest: +SKIP
 """
 from __future__ import annotations
 
+import inspect
 import json
-import math
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from .features import PAPER_SCORE, feature_names
+from .booster import TreeEnsemble
+from .errors import PredictorError
+from .features import PAPER_SCORE, config_first, feature_matrix, feature_names, n_rows
 
 FORMAT = "divergence-risk-predictor"
 FORMAT_VERSION = 1
-METHODS = ("isotonic", "xgboost")
 CALIBRATIONS = ("isotonic", "platt")
 P_CLIP = 1e-3  # predicted probabilities are kept in [P_CLIP, 1 - P_CLIP]: no run is certain
 DEFAULT_XGB_PARAMS = dict(
     max_depth=4, eta=0.05, subsample=0.8, colsample_bytree=0.8, min_child_weight=2.0,
     reg_lambda=1.0, num_boost_round=300,
 )
-#: Risk bands on P(divergence).
-BANDS = ((0.2, "low"), (0.5, "medium"), (math.inf, "high"))
-SAFE_THRESHOLD = 0.2
-LR_GRID = np.logspace(-5, 0, 51)  # 1e-5 … 1, ten points per decade
+
+__all__ = [
+    "BoostedRiskModel", "CALIBRATIONS", "CalibratedRiskModel", "IsotonicCalibrator", "IsotonicRiskModel",
+    "P_CLIP", "PlattCalibrator", "PredictorError", "load_predictor", "save_predictor",
+]
 
 
-class PredictorError(ValueError):
-    """A predictor artifact cannot be used (missing files, other feature schema, bad input)."""
-
-
+# ==================================================================== small helpers
 def import_xgboost():
-    """``import xgboost``, without letting it pull in scikit-learn when that is not loaded yet.
-
-    xgboost imports scikit-learn (≈1 s) only to offer its sklearn-style wrappers, which we never
-    use; ``risk predict`` would pay that on every call. When scikit-learn is already imported (training)
-    this is a plain import.
-    """
+    """``import xgboost`` (training only), without letting it pull in scikit-learn when that is
+    not loaded yet: xgboost imports it (≈1 s) only for its sklearn-style wrappers, never used here."""
     import sys
 
     if "xgboost" in sys.modules or "sklearn" in sys.modules:
@@ -77,41 +70,27 @@ def import_xgboost():
     return xgboost
 
 
-def risk_band(p: float) -> str:
-    return next(name for hi, name in BANDS if p < hi)
-
-
-def _not_fitted(est) -> None:
-    from sklearn.utils.validation import check_is_fitted
-
-    check_is_fitted(est)
-
-
-def _isotonic_apply(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """``IsotonicRegression(out_of_bounds="clip").predict`` from its thresholds (linear interpolation,
-    constant beyond the ends)."""
-    if len(xs) == 1:
-        return np.full(np.shape(x), float(ys[0]))
-    return np.interp(np.asarray(x, dtype=float), xs, ys)
-
-
-def _fit_isotonic(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.isotonic import IsotonicRegression
-
-    iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(s, y)
-    return np.asarray(iso.X_thresholds_, float), np.asarray(iso.y_thresholds_, float)
-
-
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
 
 
-def _fit_platt(raw: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    from sklearn.linear_model import LogisticRegression
+def _labels(X, y) -> np.ndarray:
+    y = np.asarray(y).astype(int)
+    if len(y) != n_rows(X):
+        raise ValueError(f"X has {n_rows(X)} rows but y has {len(y)}")
+    if set(np.unique(y)) - {0, 1}:
+        raise ValueError(f"y must be 0/1, got values {sorted(set(np.unique(y)))}")
+    if len(np.unique(y)) < 2:
+        raise ValueError("y holds one class only: need diverged and stable runs")
+    return y
 
-    lr = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(raw)[:, None], y)
-    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+def _take(X, idx: np.ndarray):
+    """Rows ``idx`` of a DataFrame or of a mapping column -> array."""
+    if hasattr(X, "iloc"):
+        return X.iloc[idx]
+    return {k: np.asarray(v)[idx] for k, v in X.items()}
 
 
 def _group_splits(n: int, groups, n_splits: int, random_state: int):
@@ -125,65 +104,39 @@ def _group_splits(n: int, groups, n_splits: int, random_state: int):
     return list(GroupKFold(n_splits=k, shuffle=True, random_state=random_state).split(np.zeros(n), groups=g))
 
 
-class RiskPredictor:
-    """P(divergence) of a training run from its init-time profile (and its config).
+def clone(est):
+    """A new unfitted estimator with the same parameters (scikit-learn's ``clone``, without sklearn)."""
+    params = {k: clone(v) if hasattr(v, "get_params") else v for k, v in est.get_params(deep=False).items()}
+    return type(est)(**params)
 
-    Parameters
-    ----------
-    method : {"isotonic", "xgboost"}, default "isotonic"
-        The paper's isotonic map on ``score``, or boosted trees on profile + config.
-    score : str, default "m_near_mean"
-        Column used by the isotonic method.
-    calibration : {"isotonic", "platt"}, default "platt"
-        Calibrator of the XGBoost method, fitted on out-of-fold predictions. Platt scaling (a
-        logistic map on the logit) keeps the trees' ranking; isotonic merges scores into plateaus
-        (ties), which cost AUROC on our corpus (measured: AUROC 0.938 vs 0.947, ECE 0.058 vs 0.037,
-        402 runs).
-    optimizers : list of str, optional
-        Optimizer vocabulary for the one-hot (default: the values seen in ``fit``).
-    n_splits : int, default 5
-        Folds of the GroupKFold giving the out-of-fold predictions.
-    random_state : int, default 0
-    xgb_params : dict, optional
-        Overrides of ``DEFAULT_XGB_PARAMS``.
 
-    Attributes
-    ----------
-    feature_names_in_ : list of str
-    n_features_in_ : int
-    classes_ : ndarray [0, 1]
-    iso_thresholds_ : (x, y) arrays of the isotonic map (isotonic method, or the XGBoost calibrator
-        when ``calibration="isotonic"``)
-    platt_ : (a, b) with p = σ(a·logit(raw) + b) (XGBoost with ``calibration="platt"``)
-    booster_ : xgboost.Booster (XGBoost method)
-    oof_raw_ : ndarray of shape (n_samples,), out-of-fold scores the calibrator was fitted on
-    feature_range_ : dict name -> [min, max] over the training rows
-    optimizers_ : list of str
-    """
+class _Estimator:
+    """scikit-learn's estimator conventions without importing it: ``get_params``/``set_params`` from
+    ``__init__``'s keyword arguments, fitted attributes ending in ``_``, binary-classifier tags."""
 
-    def __init__(self, method: str = "isotonic", score: str = PAPER_SCORE, calibration: str = "platt",
-                 optimizers: list[str] | None = None, n_splits: int = 5, random_state: int = 0,
-                 xgb_params: dict | None = None):
-        self.method = method
-        self.score = score
-        self.calibration = calibration
-        self.optimizers = optimizers
-        self.n_splits = n_splits
-        self.random_state = random_state
-        self.xgb_params = xgb_params
-
-    _PARAMS = ("method", "score", "calibration", "optimizers", "n_splits", "random_state", "xgb_params")
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
     def get_params(self, deep: bool = True) -> dict:
-        """The constructor's keyword arguments (scikit-learn convention; ``clone`` works)."""
-        return {k: getattr(self, k) for k in self._PARAMS}
+        out = {}
+        for k in self._param_names():
+            v = getattr(self, k)
+            out[k] = v
+            if deep and hasattr(v, "get_params"):
+                out.update({f"{k}__{kk}": vv for kk, vv in v.get_params(deep=True).items()})
+        return out
 
-    def set_params(self, **params) -> "RiskPredictor":
+    def set_params(self, **params):
         for k, v in params.items():
-            if k not in self._PARAMS:
-                raise ValueError(f"unknown parameter {k!r} for RiskPredictor")
+            if k not in self._param_names():
+                raise ValueError(f"unknown parameter {k!r} for {type(self).__name__}")
             setattr(self, k, v)
         return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params(deep=False).items() if v is not None)
+        return f"{type(self).__name__}({args})"
 
     def __sklearn_tags__(self):
         """scikit-learn's estimator tags (a binary classifier), built lazily: no sklearn import at load."""
@@ -192,18 +145,174 @@ class RiskPredictor:
         return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
                     classifier_tags=ClassifierTags(multi_class=False), input_tags=InputTags(allow_nan=True))
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v is not None)
-        return f"RiskPredictor({args})"
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "feature_names_in_"):
+            from sklearn.utils.validation import check_is_fitted
 
-    # ---------------------------------------------------------------- fit
-    def _check_params(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+            check_is_fitted(self)  # raises NotFittedError with scikit-learn's message
 
-    def _xgb_params(self, names: list[str]) -> tuple[dict, int]:
+    def features(self, X) -> np.ndarray:
+        """The feature matrix this estimator reads from a table of runs, shape (n, n_features_in_)."""
+        self._check_fitted()
+        return feature_matrix(X, self.feature_names_in_)
+
+    def _set_features(self, names: list[str], F: np.ndarray) -> None:
+        self.feature_names_in_ = list(names)
+        self.n_features_in_ = len(names)
+        self.classes_ = np.array([0, 1])
+        self.feature_range_ = {n: [float(np.nanmin(F[:, j])), float(np.nanmax(F[:, j]))]
+                               for j, n in enumerate(names) if not np.isnan(F[:, j]).all()}
+
+    def out_of_range(self, X) -> list[str]:
+        """Features of ``X`` (any row) outside the training range, as readable strings."""
+        F = self.features(X)
+        idx = {n: j for j, n in enumerate(self.feature_names_in_)}
+        out = []
+        for n, (lo, hi) in sorted(self.feature_range_.items(), key=lambda kv: config_first(kv[0])):
+            v = F[:, idx[n]]
+            bad = v[(v < lo) | (v > hi)]
+            if bad.size:
+                out.append(f"{n}={bad[0]:.4g} (trained on {lo:.4g}…{hi:.4g})")
+        return out
+
+
+# ==================================================================== calibrators
+class IsotonicCalibrator:
+    """``IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0, y_max=1)`` as its thresholds.
+
+    Attributes
+    ----------
+    x_, y_ : ndarray, the thresholds; predictions interpolate linearly and are constant beyond the ends
+    """
+
+    kind = "isotonic"
+
+    def fit(self, s, y) -> "IsotonicCalibrator":
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(s, y)
+        self.x_, self.y_ = np.asarray(iso.X_thresholds_, float), np.asarray(iso.y_thresholds_, float)
+        return self
+
+    def predict(self, s) -> np.ndarray:
+        s = np.asarray(s, dtype=float)
+        if len(self.x_) == 1:
+            return np.full(s.shape, float(self.y_[0]))
+        return np.interp(s, self.x_, self.y_)
+
+    def to_dict(self) -> dict:
+        return {"kind": "isotonic", "increasing": True, "out_of_bounds": "clip",
+                "x": self.x_.tolist(), "y": self.y_.tolist()}
+
+
+class PlattCalibrator:
+    """Platt scaling on the logit: p = σ(a · logit(raw) + b); keeps the raw scores' ranking.
+
+    Attributes
+    ----------
+    a_, b_ : float
+    """
+
+    kind = "platt"
+
+    def fit(self, raw, y) -> "PlattCalibrator":
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(np.asarray(raw, float))[:, None], y)
+        self.a_, self.b_ = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        return self
+
+    def predict(self, raw) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.a_ * _logit(np.asarray(raw, float)) + self.b_)))
+
+    def to_dict(self) -> dict:
+        return {"kind": "platt", "a": self.a_, "b": self.b_}
+
+
+CALIBRATORS = {"isotonic": IsotonicCalibrator, "platt": PlattCalibrator}
+
+
+def calibrator_from_dict(d: dict):
+    kind = d.get("kind", "isotonic")
+    if kind == "platt":
+        cal = PlattCalibrator()
+        cal.a_, cal.b_ = float(d["a"]), float(d["b"])
+    elif kind == "isotonic":
+        cal = IsotonicCalibrator()
+        cal.x_, cal.y_ = np.asarray(d["x"], float), np.asarray(d["y"], float)
+    else:
+        raise PredictorError(f"unknown calibrator kind {kind!r}")
+    return cal
+
+
+# ==================================================================== estimators
+class IsotonicRiskModel(_Estimator):
+    """The paper's predictor: an increasing isotonic map of one profile score to P(divergence).
+
+    Parameters
+    ----------
+    score : str, default "m_near_mean"
+        Profile aggregate the map reads.
+
+    Attributes
+    ----------
+    calibrator_ : IsotonicCalibrator (the map itself)
+    feature_names_in_ : [score]
+    n_features_in_ : int
+    classes_ : ndarray [0, 1]
+    feature_range_ : dict name -> [min, max] over the training rows
+    """
+
+    method = "isotonic"
+
+    def __init__(self, score: str = PAPER_SCORE):
+        self.score = score
+
+    def fit(self, X, y, groups=None) -> "IsotonicRiskModel":
+        """Fit on a table of runs (DataFrame or mapping column -> array); ``groups`` is ignored."""
+        y = _labels(X, y)
+        F = feature_matrix(X, [self.score])
+        if np.isnan(F[:, 0]).any():
+            raise ValueError(f"{self.score} has {int(np.isnan(F[:, 0]).sum())} missing values")
+        self.calibrator_ = IsotonicCalibrator().fit(F[:, 0], y)
+        self._set_features([self.score], F)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Array of shape (n_samples, 2): P(stable), P(diverged)."""
+        s = self.features(X)[:, 0]
+        if np.isnan(s).any():
+            raise PredictorError(f"{self.score} is missing (all layers degenerate?)")
+        p = np.clip(self.calibrator_.predict(s), P_CLIP, 1 - P_CLIP)
+        return np.column_stack([1 - p, p])
+
+
+class BoostedRiskModel(_Estimator):
+    """Gradient-boosted trees on the profile aggregates + training config, monotone in log10 lr.
+
+    Parameters
+    ----------
+    optimizers : list of str, optional
+        Optimizer vocabulary for the one-hot (default: the values seen in ``fit``).
+    xgb_params : dict, optional
+        Overrides of ``DEFAULT_XGB_PARAMS``.
+    random_state : int, default 0
+
+    Attributes
+    ----------
+    booster_ : TreeEnsemble (XGBoost's JSON model, evaluated in numpy)
+    optimizers_ : list of str
+    feature_names_in_, n_features_in_, classes_, feature_range_ : as ``IsotonicRiskModel``
+    """
+
+    method = "xgboost"
+
+    def __init__(self, optimizers: list[str] | None = None, xgb_params: dict | None = None, random_state: int = 0):
+        self.optimizers = optimizers
+        self.xgb_params = xgb_params
+        self.random_state = random_state
+
+    def _params(self, names: list[str]) -> tuple[dict, int]:
         p = dict(DEFAULT_XGB_PARAMS, **(self.xgb_params or {}))
         rounds = int(p.pop("num_boost_round"))
         mono = tuple(1 if n == "log10_lr" else 0 for n in names)
@@ -211,211 +320,189 @@ class RiskPredictor:
                  monotone_constraints="(" + ",".join(map(str, mono)) + ")", verbosity=0)
         return p, rounds
 
-    def _train_booster(self, X: pd.DataFrame, y: np.ndarray):
-        import xgboost as xgb
+    def fit(self, X, y, groups=None) -> "BoostedRiskModel":
+        """Fit on a table of runs with the profile aggregates and the raw config columns (``lr``,
+        ``warmup``, ``batch_size``, ``steps``, ``d_model``, ``n_layers``, ``optimizer``)."""
+        xgb = import_xgboost()
 
-        params, rounds = self._xgb_params(list(X.columns))
-        dm = xgb.DMatrix(X.to_numpy(float), label=y, feature_names=list(X.columns))
-        return xgb.train(params, dm, num_boost_round=rounds)
-
-    def fit(self, X: pd.DataFrame, y, groups=None) -> "RiskPredictor":
-        """Fit on a table of runs.
-
-        Parameters
-        ----------
-        X : DataFrame of shape (n_samples, ...)
-            Corpus rows: the profile aggregates and, for the XGBoost method, the raw config columns
-            (``lr``, ``warmup``, ``batch_size``, ``steps``, ``d_model``, ``n_layers``, ``optimizer``).
-        y : array-like of shape (n_samples,), 0/1 diverged
-        groups : array-like of shape (n_samples,), optional
-            Config ids; a group never straddles calibration folds.
-
-        Returns
-        -------
-        self
-        """
-        from .features import build_features
-
-        self._check_params()
-        y = np.asarray(y).astype(int)
-        if len(y) != len(X):
-            raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
-        if set(np.unique(y)) - {0, 1}:
-            raise ValueError(f"y must be 0/1, got values {sorted(set(np.unique(y)))}")
-        if len(np.unique(y)) < 2:
-            raise ValueError("y holds one class only: need diverged and stable runs")
-        self.classes_ = np.array([0, 1])
-        if self.method == "isotonic":
-            names = [self.score]
-            F = build_features(X, names)
-            s = F[self.score].to_numpy()
-            if np.isnan(s).any():
-                raise ValueError(f"{self.score} has {int(np.isnan(s).sum())} missing values")
-            self.iso_thresholds_ = _fit_isotonic(s, y)
-            self.oof_raw_ = self._oof(lambda tr, te: _isotonic_apply(s[te], *_fit_isotonic(s[tr], y[tr])),
-                                      len(y), groups)
+        y = _labels(X, y)
+        if self.optimizers:
+            opts = list(self.optimizers)
         else:
-            opts = self.optimizers or sorted(X["optimizer"].astype(str).str.lower().unique())
-            self.optimizers_ = list(opts)
-            names = feature_names(self.optimizers_)
-            F = build_features(X, names)
-
-            def fold(tr, te):
-                b = self._train_booster(F.iloc[tr], y[tr])
-                return self._booster_raw(b, F.iloc[te])
-
-            self.oof_raw_ = self._oof(fold, len(y), groups)
-            if self.calibration == "isotonic":
-                self.iso_thresholds_ = _fit_isotonic(self.oof_raw_, y)
-            else:
-                self.platt_ = _fit_platt(self.oof_raw_, y)
-            self.booster_ = self._train_booster(F, y)
-        self.feature_names_in_ = names
-        self.n_features_in_ = len(names)
-        self.feature_range_ = {n: [float(np.nanmin(F[n])), float(np.nanmax(F[n]))]
-                               for n in names if F[n].notna().any()}
+            opts = sorted(set(np.char.lower(np.asarray(X["optimizer"]).astype(str)).tolist()))
+        self.optimizers_ = opts
+        names = feature_names(opts)
+        F = feature_matrix(X, names)
+        params, rounds = self._params(names)
+        booster = xgb.train(params, xgb.DMatrix(F, label=y, feature_names=names), num_boost_round=rounds)
+        self.booster_ = TreeEnsemble.from_json(booster.save_raw("json"))
+        self._set_features(names, F)
         return self
 
-    def _oof(self, fold_fn, n: int, groups) -> np.ndarray:
-        out = np.full(n, np.nan)
-        for tr, te in _group_splits(n, groups, self.n_splits, self.random_state):
-            out[te] = fold_fn(tr, te)
-        return out
-
-    @staticmethod
-    def _booster_raw(booster, F: pd.DataFrame) -> np.ndarray:
-        xgb = import_xgboost()
-        return booster.predict(xgb.DMatrix(F.to_numpy(float), feature_names=list(F.columns)))
-
-    # ---------------------------------------------------------------- predict
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "feature_names_in_"):
-            _not_fitted(self)  # raises NotFittedError with sklearn's message
-
-    def features(self, X: pd.DataFrame) -> pd.DataFrame:
-        """The feature frame this predictor reads from a table of runs."""
-        from .features import build_features
-
-        self._check_fitted()
-        return build_features(X, self.feature_names_in_)
-
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        """Array of shape (n_samples, 2): P(stable), P(diverged)."""
-        self._check_fitted()
+    def predict_proba(self, X) -> np.ndarray:
+        """Array of shape (n_samples, 2) of the trees' (uncalibrated) probabilities."""
         F = self.features(X)
-        if self.method == "isotonic":
-            s = F[self.score].to_numpy()
-            if np.isnan(s).any():
-                raise ValueError(f"{self.score} is missing (all layers degenerate?)")
-            p = _isotonic_apply(s, *self.iso_thresholds_)
-        else:
-            raw = self._booster_raw(self.booster_, F)
-            if hasattr(self, "platt_"):
-                a, b = self.platt_
-                p = 1.0 / (1.0 + np.exp(-(a * _logit(raw) + b)))
-            else:
-                p = _isotonic_apply(raw, *self.iso_thresholds_)
-        p = np.clip(p, P_CLIP, 1 - P_CLIP)
+        p = self.booster_.predict(F)
         return np.column_stack([1 - p, p])
 
-    def out_of_range(self, X: pd.DataFrame) -> list[str]:
-        """Features of ``X`` (any row) outside the training range, as readable strings."""
-        from .features import config_first
 
-        F = self.features(X)
-        out = []
-        for n, (lo, hi) in sorted(self.feature_range_.items(), key=lambda kv: config_first(kv[0])):
-            v = F[n].to_numpy()
-            bad = v[(v < lo) | (v > hi)]
-            if bad.size:
-                out.append(f"{n}={bad[0]:.4g} (trained on {lo:.4g}…{hi:.4g})")
-        return out
+class CalibratedRiskModel(_Estimator):
+    """An estimator whose probabilities are calibrated on its own out-of-fold predictions.
 
-    # ---------------------------------------------------------------- save / load
-    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        """Write the predictor directory (no pickle); ``metadata`` is merged into metadata.json."""
+    Parameters
+    ----------
+    estimator : IsotonicRiskModel or BoostedRiskModel (unfitted), default ``BoostedRiskModel()``
+    method : {"platt", "isotonic"}, default "platt"
+        Platt scaling (a logistic map on the logit) keeps the trees' ranking; isotonic merges scores
+        into plateaus (ties), which cost AUROC on our corpus (measured: AUROC 0.938 vs 0.947, ECE
+        0.058 vs 0.037, 402 runs).
+    n_splits : int, default 5
+        Folds of the GroupKFold giving the out-of-fold predictions.
+    random_state : int, default 0
+
+    Attributes
+    ----------
+    estimator_ : the estimator refitted on every row
+    calibrator_ : PlattCalibrator or IsotonicCalibrator
+    oof_raw_ : ndarray of shape (n_samples,), out-of-fold P of ``estimator`` the calibrator was fitted on
+    feature_names_in_, n_features_in_, classes_, feature_range_ : those of ``estimator_``
+    """
+
+    def __init__(self, estimator=None, method: str = "platt", n_splits: int = 5, random_state: int = 0):
+        self.estimator = estimator
+        self.method = method
+        self.n_splits = n_splits
+        self.random_state = random_state
+
+    def fit(self, X, y, groups=None) -> "CalibratedRiskModel":
+        if self.method not in CALIBRATIONS:
+            raise ValueError(f"calibration method must be one of {CALIBRATIONS}, got {self.method!r}")
+        base = clone(self.estimator) if self.estimator is not None else BoostedRiskModel()
+        if isinstance(base, BoostedRiskModel) and not base.optimizers:  # one vocabulary for every fold
+            base.set_params(optimizers=sorted(set(np.char.lower(np.asarray(X["optimizer"]).astype(str)).tolist())))
+        y = _labels(X, y)
+        oof = np.full(len(y), np.nan)
+        for tr, te in _group_splits(len(y), groups, self.n_splits, self.random_state):
+            oof[te] = clone(base).fit(_take(X, tr), y[tr]).predict_proba(_take(X, te))[:, 1]
+        self.oof_raw_ = oof
+        self.calibrator_ = CALIBRATORS[self.method]().fit(oof, y)
+        self.estimator_ = clone(base).fit(X, y)
+        self._adopt(self.estimator_)
+        return self
+
+    def _adopt(self, est) -> None:
+        self.feature_names_in_ = est.feature_names_in_
+        self.n_features_in_ = est.n_features_in_
+        self.classes_ = est.classes_
+        self.feature_range_ = est.feature_range_
+
+    def predict_proba(self, X) -> np.ndarray:
         self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = dict(getattr(self, "metadata_", {}) or {})
-        meta.update(metadata or {})
-        meta.update(
-            format=FORMAT, format_version=FORMAT_VERSION, method=self.method, score=self.score,
-            calibration=self.calibration if self.method == "xgboost" else None,
-            params=dict(n_splits=self.n_splits, random_state=self.random_state,
-                        xgb_params=dict(DEFAULT_XGB_PARAMS, **(self.xgb_params or {}))
-                        if self.method == "xgboost" else None),
-            feature_names=list(self.feature_names_in_), optimizers=getattr(self, "optimizers_", None),
-            feature_range=self.feature_range_, versions=meta.get("versions") or library_versions(),
-        )
-        if self.method == "isotonic" or not hasattr(self, "platt_"):
-            xs, ys = self.iso_thresholds_
-            name = "isotonic.json" if self.method == "isotonic" else "calibrator.json"
-            (path / name).write_text(json.dumps({"kind": "isotonic", "increasing": True, "out_of_bounds": "clip",
-                                                 "x": xs.tolist(), "y": ys.tolist()}, indent=1))
-        else:
-            a, b = self.platt_
-            (path / "calibrator.json").write_text(json.dumps({"kind": "platt", "a": a, "b": b}, indent=1))
-        if self.method == "xgboost":
-            self.booster_.save_model(str(path / "booster.json"))
-        (path / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
-        self.metadata_ = meta
-        return path
+        p = np.clip(self.calibrator_.predict(self.estimator_.predict_proba(X)[:, 1]), P_CLIP, 1 - P_CLIP)
+        return np.column_stack([1 - p, p])
 
-    @classmethod
-    def load(cls, path: str | Path) -> "RiskPredictor":
-        """Read a directory written by ``save``; checks the format and the feature schema."""
-        path = Path(path)
-        mfile = path / "metadata.json"
-        if not mfile.exists():
-            raise PredictorError(f"{path}: not a predictor directory (no metadata.json)")
-        try:
-            meta = json.loads(mfile.read_text())
-        except json.JSONDecodeError as e:
-            raise PredictorError(f"{mfile}: not valid JSON ({e.msg})") from e
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise PredictorError(f"{path}: not a divergence-risk predictor of format version {FORMAT_VERSION}")
-        method = meta.get("method")
-        if method not in METHODS:
-            raise PredictorError(f"{path}: unknown method {method!r}")
-        names = meta.get("feature_names") or []
-        expected = [meta.get("score", PAPER_SCORE)] if method == "isotonic" else \
-            feature_names(meta.get("optimizers") or [])
-        if names != expected:
-            extra = sorted(set(names) - set(expected))
-            missing = sorted(set(expected) - set(names))
-            raise PredictorError(
-                f"{path}: predictor was trained on another feature schema "
-                f"(unknown features: {', '.join(extra[:3]) or '-'}; missing: {', '.join(missing[:3]) or '-'}); retrain it"
-            )
+
+# ==================================================================== JSON I/O
+def predictor_method(pred) -> str:
+    """``"isotonic"`` (config-free, the paper's) or ``"xgboost"`` (config-aware) of a fitted predictor."""
+    inner = getattr(pred, "estimator_", pred)
+    return inner.method
+
+
+def save_predictor(pred, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write a fitted ``IsotonicRiskModel`` or ``CalibratedRiskModel(BoostedRiskModel())`` as a
+    predictor directory (no pickle); ``metadata`` is merged into metadata.json (and kept as
+    ``pred.metadata_``)."""
+    pred._check_fitted()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = dict(getattr(pred, "metadata_", {}) or {})
+    meta.update(metadata or {})
+    if isinstance(pred, IsotonicRiskModel):
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, method="isotonic", score=pred.score,
+                    calibration=None, params=dict(n_splits=None, random_state=None, xgb_params=None),
+                    optimizers=None)
+        (path / "isotonic.json").write_text(json.dumps(pred.calibrator_.to_dict(), indent=1))
+    elif isinstance(pred, CalibratedRiskModel) and isinstance(pred.estimator_, BoostedRiskModel):
+        inner = pred.estimator_
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, method="xgboost", score=PAPER_SCORE,
+                    calibration=pred.method,
+                    params=dict(n_splits=pred.n_splits, random_state=pred.random_state,
+                                xgb_params=dict(DEFAULT_XGB_PARAMS, **(inner.xgb_params or {}))),
+                    optimizers=inner.optimizers_)
+        (path / "calibrator.json").write_text(json.dumps(pred.calibrator_.to_dict(), indent=1))
+        (path / "booster.json").write_text(inner.booster_.to_json())
+    else:
+        raise TypeError(f"cannot save {type(pred).__name__}: give an IsotonicRiskModel or a "
+                        "CalibratedRiskModel of a BoostedRiskModel")
+    meta.update(feature_names=list(pred.feature_names_in_), feature_range=pred.feature_range_,
+                versions=meta.get("versions") or library_versions())
+    (path / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+    pred.metadata_ = meta
+    return path
+
+
+def _read_json(file: Path, what: str) -> dict:
+    if not file.exists():
+        raise PredictorError(f"{file.parent}: {file.name} is missing")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise PredictorError(f"{file}: not valid JSON ({e.msg}) in the {what}") from e
+
+
+def load_predictor(path: str | Path):
+    """Read a directory written by ``save_predictor``; checks the format and the feature schema.
+
+    Returns an ``IsotonicRiskModel`` (method "isotonic") or a ``CalibratedRiskModel`` of a
+    ``BoostedRiskModel`` (method "xgboost"), fitted, with ``metadata_``.
+    """
+    path = Path(path)
+    if not (path / "metadata.json").exists():
+        raise PredictorError(f"{path}: not a predictor directory (no metadata.json)")
+    meta = _read_json(path / "metadata.json", "metadata")
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise PredictorError(f"{path}: not a divergence-risk predictor of format version {FORMAT_VERSION}")
+    method = meta.get("method")
+    if method not in ("isotonic", "xgboost"):
+        raise PredictorError(f"{path}: unknown method {method!r}")
+    names = meta.get("feature_names") or []
+    expected = [meta.get("score", PAPER_SCORE)] if method == "isotonic" else feature_names(meta.get("optimizers") or [])
+    if names != expected:
+        extra = sorted(set(names) - set(expected))
+        missing = sorted(set(expected) - set(names))
+        raise PredictorError(
+            f"{path}: predictor was trained on another feature schema "
+            f"(unknown features: {', '.join(extra[:3]) or '-'}; missing: {', '.join(missing[:3]) or '-'}); retrain it"
+        )
+    rng = meta.get("feature_range", {})
+    if method == "isotonic":
+        est = IsotonicRiskModel(score=meta.get("score", PAPER_SCORE))
+        est.calibrator_ = calibrator_from_dict(_read_json(path / "isotonic.json", "isotonic map"))
+        fitted = est
+    else:
         params = meta.get("params") or {}
-        est = cls(method=method, score=meta.get("score", PAPER_SCORE), calibration=meta.get("calibration") or "isotonic",
-                  optimizers=meta.get("optimizers"), n_splits=params.get("n_splits", 5),
-                  random_state=params.get("random_state", 0))
-        est.classes_ = np.array([0, 1])
-        est.feature_names_in_ = names
-        est.n_features_in_ = len(names)
-        est.feature_range_ = meta.get("feature_range", {})
-        est.metadata_ = meta
-        cal_file = path / ("isotonic.json" if method == "isotonic" else "calibrator.json")
-        if not cal_file.exists():
-            raise PredictorError(f"{path}: {cal_file.name} is missing")
-        cal = json.loads(cal_file.read_text())
-        if cal.get("kind") == "platt":
-            est.platt_ = (float(cal["a"]), float(cal["b"]))
-        else:
-            est.iso_thresholds_ = (np.asarray(cal["x"], float), np.asarray(cal["y"], float))
-        if method == "xgboost":
-            est.optimizers_ = list(meta.get("optimizers") or [])
-            bfile = path / "booster.json"
-            if not bfile.exists():
-                raise PredictorError(f"{path}: booster.json is missing")
-            xgb = import_xgboost()
-            est.booster_ = xgb.Booster()
-            est.booster_.load_model(str(bfile))
-            if est.booster_.feature_names is not None and list(est.booster_.feature_names) != names:
-                raise PredictorError(f"{path}: booster.json was trained on another feature schema than metadata.json")
-        return est
+        inner = BoostedRiskModel(optimizers=meta.get("optimizers"), xgb_params=params.get("xgb_params"),
+                                 random_state=params.get("random_state", 0))
+        inner.optimizers_ = list(meta.get("optimizers") or [])
+        if not (path / "booster.json").exists():
+            raise PredictorError(f"{path}: booster.json is missing")
+        inner.booster_ = TreeEnsemble.load(path / "booster.json")
+        if inner.booster_.feature_names is not None and list(inner.booster_.feature_names) != names:
+            raise PredictorError(f"{path}: booster.json was trained on another feature schema than metadata.json")
+        cal = calibrator_from_dict(_read_json(path / "calibrator.json", "calibrator"))
+        est = CalibratedRiskModel(inner, method=cal.kind, n_splits=params.get("n_splits", 5),
+                                  random_state=params.get("random_state", 0))
+        est.calibrator_ = cal
+        est.estimator_ = inner
+        fitted = inner
+    for e in {id(est): est, id(fitted): fitted}.values():
+        e.feature_names_in_ = names
+        e.n_features_in_ = len(names)
+        e.classes_ = np.array([0, 1])
+        e.feature_range_ = rng
+    est.metadata_ = meta
+    return est
 
 
 def _json_default(o):
@@ -441,234 +528,3 @@ def library_versions() -> dict:
             out[dist] = None
     out["platform"] = sys.platform
     return out
-
-
-# ==================================================================== bundles and serving
-@dataclass
-class PredictorBundle:
-    """The config-aware and the config-free predictor served together (either may be absent)."""
-
-    config_aware: RiskPredictor | None
-    config_free: RiskPredictor | None
-    source: str
-    name: str = "divergence-risk"
-    version: str = "unversioned"
-
-    @property
-    def metadata(self) -> dict:
-        p = self.config_aware or self.config_free
-        return p.metadata_ if p is not None else {}
-
-    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": FORMAT + "-bundle", "format_version": FORMAT_VERSION, "name": self.name,
-                    "version": self.version}
-        for key, pred in (("config_aware", self.config_aware), ("config_free", self.config_free)):
-            if pred is not None:
-                pred.save(path / key, metadata)
-                manifest[key] = key
-        (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        return path
-
-
-def default_predictor_path() -> Path:
-    """``models/default`` of this checkout (shipped with the package)."""
-    return Path(__file__).resolve().parent.parent / "models" / "default"
-
-
-def load_bundle(path: str | Path | None = None) -> PredictorBundle:
-    """A bundle directory, a single predictor directory, or the shipped default (``None``)."""
-    path = Path(path) if path is not None else default_predictor_path()
-    if not path.exists():
-        hint = " (train one with `risk train`)" if path == default_predictor_path() else ""
-        raise PredictorError(f"{path}: no such predictor{hint}")
-    if (path / "manifest.json").exists():
-        man = json.loads((path / "manifest.json").read_text())
-        aware = RiskPredictor.load(path / man["config_aware"]) if man.get("config_aware") else None
-        free = RiskPredictor.load(path / man["config_free"]) if man.get("config_free") else None
-        return PredictorBundle(aware, free, str(path), man.get("name", "divergence-risk"), str(man.get("version")))
-    pred = RiskPredictor.load(path)
-    meta = pred.metadata_
-    aware, free = (pred, None) if pred.method == "xgboost" else (None, pred)
-    return PredictorBundle(aware, free, str(path), meta.get("name", "divergence-risk"), str(meta.get("version", "unversioned")))
-
-
-def max_safe_lr(predictor: RiskPredictor, base: pd.DataFrame, threshold: float = SAFE_THRESHOLD,
-                grid: np.ndarray = LR_GRID) -> float | None:
-    """Largest grid learning rate whose P(divergence) and that of every smaller grid rate are below
-    ``threshold``; None when even the smallest is not. ``base`` is a one-row request table.
-    ``assess`` restricts the grid (1e-5…1, ten per decade) to the corpus's learning-rate range."""
-    table = pd.concat([base.iloc[[0]]] * len(grid), ignore_index=True)
-    table["lr"] = grid
-    p = predictor.predict_proba(table)[:, 1]
-    ok = p < threshold
-    if not ok[0]:
-        return None
-    first_bad = np.argmin(ok) if not ok.all() else len(ok)
-    return float(grid[first_bad - 1])
-
-
-def kss_sentence(path: Path | None = None) -> str:
-    """The KSS recommendation, from the measured effect in benchmarks/results/kss.json when present.
-
-    Reads ``{"no_kss": {"runs", "diverged"}, "kss": {"runs", "diverged"}, "overhead_pct"}``; recommends
-    KSS only when it reduced divergence there significantly (one-sided Fisher exact test, p < 0.05,
-    as the paper tests divergence rates), and says so when it did not.
-    """
-    generic = ("consider Koopman Spectral Shaping during training (KSS, α=0.15): the paper reports No-Norm "
-               "divergence at high LR falling from 66.7% to 12.5% (not yet measured here)")
-    path = path or Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kss.json"
-    try:
-        d = json.loads(path.read_text())
-        off = d["no_kss"]["diverged"] / d["no_kss"]["runs"]
-        on = d["kss"]["diverged"] / d["kss"]["runs"]
-        n_off, n_on = int(d["no_kss"]["runs"]), int(d["kss"]["runs"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError):
-        return generic
-    overhead = d.get("overhead_pct")
-    cost = f", {overhead:.0f}% step-time overhead" if isinstance(overhead, (int, float)) else ""
-    from scipy.stats import fisher_exact
-
-    k_off, k_on = int(d["no_kss"]["diverged"]), int(d["kss"]["diverged"])
-    pval = float(fisher_exact([[k_off, n_off - k_off], [k_on, n_on - k_on]], alternative="greater")[1])
-    measured = (f"{100 * off:.0f}% → {100 * on:.0f}% of runs diverged without → with KSS ({n_off} vs {n_on} runs, "
-                f"one-sided Fisher p={pval:.2g}{cost})")
-    if on < off and pval < 0.05:
-        return f"enable KSS during training (α=0.15); measured here: {measured}"
-    if on < off:
-        return (f"KSS is not recommended as a fix yet: its measured reduction is not significant ({measured}); "
-                "lower the learning rate instead")
-    return (f"KSS is not recommended as a fix yet: in our measurement it did not reduce divergence ({measured}); "
-            "lower the learning rate instead")
-
-
-def assess(prof, *, bundle: PredictorBundle, width: int | None, lrs: list[float] | None,
-           optimizer: str = "adamw", warmup: float | None = None, batch_size: float | None = None,
-           steps: float | None = None, threshold: float = SAFE_THRESHOLD) -> dict:
-    """Everything ``risk predict`` reports for one profiled model (JSON-ready dict, without "model").
-
-    With ``lrs`` the config-aware predictor gives P(divergence) per learning rate and the largest
-    safe one; without, the paper's config-free isotonic map on M≈1 gives one probability.
-    """
-    from .features import profile_aggregates
-
-    warnings: list[str] = []
-    aggs = profile_aggregates(prof)
-    if prof.degenerate_layers:
-        warnings.append(f"degenerate layers (residual update ≈ 0, excluded from the aggregates): "
-                        f"{prof.degenerate_layers}")
-    predictions, safe, used = [], None, None
-    if lrs:
-        for lr in lrs:
-            if not (math.isfinite(lr) and lr > 0):
-                raise PredictorError(f"--lr must be a positive number, got {lr:g}")
-        pred = bundle.config_aware
-        if pred is None:
-            raise PredictorError(f"{bundle.source} has no config-aware predictor: drop --lr for the "
-                                 "config-free estimate, or give a bundle/XGBoost predictor")
-        defaults = pred.metadata_.get("config_defaults", {})
-        optimizer = optimizer.lower()
-        known = pred.optimizers_
-        if optimizer not in known:
-            raise PredictorError(f"--optimizer {optimizer!r} unknown to this predictor (trained on {', '.join(known)})")
-        if width is None:
-            width = defaults.get("d_model", 64)
-            warnings.append(f"model width unknown; assumed d_model={width}")
-        from .features import request_table
-
-        table = request_table(aggs, lrs=list(lrs), optimizer=optimizer,
-                              warmup=warmup if warmup is not None else defaults.get("warmup", 0),
-                              batch_size=batch_size if batch_size is not None else defaults.get("batch_size", 16),
-                              steps=steps if steps is not None else defaults.get("steps", 300), d_model=width)
-        p = pred.predict_proba(table)[:, 1]
-        predictions = [{"lr": float(lr), "p_divergence": float(pi), "risk": risk_band(pi)} for lr, pi in zip(lrs, p)]
-        lo, hi = pred.feature_range_.get("log10_lr", [-5.0, 0.0])
-        grid = LR_GRID[(LR_GRID >= 10 ** lo * (1 - 1e-9)) & (LR_GRID <= 10 ** hi * (1 + 1e-9))]
-        safe = max_safe_lr(pred, table, threshold, grid=grid if len(grid) else LR_GRID)
-        if safe is not None and len(grid) and safe >= grid[-1]:
-            warnings.append(f"every learning rate the training corpus covers (up to {grid[-1]:.2g}) is below "
-                            f"P(divergence) {threshold:g}; max_safe_lr is capped there, beyond it the predictor "
-                            "would only extrapolate")
-        oor = pred.out_of_range(table)
-        if oor:
-            more = f"; and {len(oor) - 6} more" if len(oor) > 6 else ""
-            warnings.append("features outside the training range (extrapolating): " + "; ".join(oor[:6]) + more)
-        used = pred
-    else:
-        pred = bundle.config_free
-        if pred is None:
-            raise PredictorError(f"{bundle.source} has no config-free predictor: give the training learning rate with --lr")
-        table = pd.DataFrame([aggs])
-        p = pred.predict_proba(table)[:, 1]
-        predictions = [{"lr": None, "p_divergence": float(p[0]), "risk": risk_band(p[0])}]
-        warnings.append("no --lr given: using the paper's config-free predictor (isotonic on layer-mean M≈1), "
-                        "which cannot tell a safe learning rate from an unsafe one")
-        oor = pred.out_of_range(table)
-        if oor:
-            warnings.append("features outside the training range (extrapolating): " + "; ".join(oor))
-        used = pred
-    meta = used.metadata_
-    metrics = meta.get("metrics", {})
-    worst = max(x["p_divergence"] for x in predictions)
-    recs = []
-    if worst >= threshold:
-        if safe is not None:
-            recs.append(f"lower the learning rate to at most {safe:.2g} (largest rate with P(divergence) < {threshold:g})")
-        elif lrs:
-            recs.append(f"no learning rate in 1e-5…1 is below P(divergence) {threshold:g} for this model: change the architecture "
-                        "(normalisation, init scale)")
-        else:
-            recs.append("give --lr to find the largest safe learning rate")
-        recs.append(kss_sentence())
-    else:
-        recs.append("risk is low at the given setting" + (f"; learning rates up to {safe:.2g} stay below "
-                                                           f"P(divergence) {threshold:g}" if safe else ""))
-    return {
-        "predictions": predictions,
-        "max_safe_lr": safe,
-        "profile": {k: v for k, v in prof.to_dict().items() if k != "eigenvalues"},
-        "predictor": {"name": bundle.name, "version": bundle.version, "method": used.method,
-                      "auroc": metrics.get("auroc"), "ece": metrics.get("ece"), "source": bundle.source},
-        "warnings": warnings,
-        "recommendation": recs,
-    }
-
-
-def train_bundle(corpus, heldout: dict, *, calibration: str = "platt", n_splits: int = 5, seed: int = 0,
-                 xgb_params: dict | None = None) -> PredictorBundle:
-    """Fit the config-aware (XGBoost) and config-free (isotonic M≈1) predictors on the whole corpus.
-
-    Parameters
-    ----------
-    corpus : Corpus
-    heldout : {"isotonic": metrics, "xgboost": metrics}, grouped-CV metrics of each (from
-        ``evaluate.evaluate_corpus(...)["summary"]``), stored in each predictor's metadata
-    """
-    import datetime as _dt
-
-    runs = corpus.runs
-    y = runs["diverged"].to_numpy()
-    groups = runs["group_id"].to_numpy()
-    iso = RiskPredictor(method="isotonic", n_splits=n_splits, random_state=seed).fit(runs, y, groups)
-    xgbp = RiskPredictor(method="xgboost", calibration=calibration, n_splits=n_splits, random_state=seed,
-                         xgb_params=xgb_params).fit(runs, y, groups)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    version = f"{now:%Y%m%d}-{corpus.hash[:8]}"
-    common = dict(
-        name="divergence-risk", version=version, trained_at=now.isoformat(timespec="seconds"),
-        corpus_hash=corpus.hash, corpus_sources=list(corpus.sources), n_runs=int(len(runs)),
-        n_diverged=int(y.sum()), n_configs=int(runs["group_id"].nunique()),
-        profile_settings=corpus.profile_settings,
-        config_defaults={k: float(runs[k].median()) for k in ("warmup", "batch_size", "steps", "d_model")},
-        families=sorted(runs["family"].unique().tolist()), norms=sorted(runs["norm"].unique().tolist()),
-        versions=library_versions(),
-    )
-
-    def clean(m: dict) -> dict:
-        return {k: (float(v) if isinstance(v, (int, float, np.floating)) and np.isfinite(v) else None)
-                for k, v in m.items() if k in ("auroc", "auroc_lo", "auroc_hi", "ece", "brier", "log_loss")}
-
-    iso.metadata_ = dict(common, metrics=clean(heldout["isotonic"]))
-    xgbp.metadata_ = dict(common, metrics=clean(heldout["xgboost"]))
-    return PredictorBundle(config_aware=xgbp, config_free=iso, source="", version=version)

@@ -15,12 +15,12 @@ from mlflow.pyfunc import PythonModel
 
 class DivergenceRiskModel(PythonModel):
     def load_context(self, context):
-        from risk_model.predictor import load_bundle
+        from risk_model.serve import load_bundle
 
         self.bundle = load_bundle(context.artifacts["predictor"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from risk_model.predictor import risk_band
+        from risk_model.serve import risk_band
 
         df = pd.DataFrame(model_input).copy()
         if "lr" in df and self.bundle.config_aware is not None:

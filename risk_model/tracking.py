@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RiskError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 MODEL_NAME = "divergence-risk"
 EXPERIMENT = "divergence-risk"
@@ -28,7 +30,7 @@ TAG_P, TAG_RISK, TAG_VERSION = "divergence_risk.p", "divergence_risk.risk", "div
 _URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
-class TrackingError(ValueError):
+class TrackingError(RiskError, ValueError):
     """A registry or model URI problem the user can fix; the message says which."""
 
 

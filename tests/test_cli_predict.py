@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from featurize import profile
 from risk_model.cli import app
 from risk_model.corpus import load_corpus
-from risk_model.predictor import LR_GRID, PredictorBundle, RiskPredictor, load_bundle
-from risk_model.sweep.zoo import build_model, save_checkpoint
+from risk_model.predictor import BoostedRiskModel, CalibratedRiskModel, IsotonicRiskModel
+from risk_model.serve import LR_GRID, PredictorBundle, load_bundle
+from risk_model.zoo import build_model, save_checkpoint
 from synth_corpus import make_corpus, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,8 @@ def bundle_dir(tmp_path_factory):
     meta = dict(profile_settings={"n_samples": 128, "rank": 8, "seed": 0},
                 config_defaults={"warmup": 0, "batch_size": 16, "steps": 300, "d_model": 64},
                 metrics={"auroc": 0.9, "ece": 0.05})
-    aware = RiskPredictor(method="xgboost", xgb_params={"num_boost_round": 30}).fit(c.runs, y, g)
-    free = RiskPredictor().fit(c.runs, y, g)
+    aware = CalibratedRiskModel(BoostedRiskModel(xgb_params={"num_boost_round": 30})).fit(c.runs, y, g)
+    free = IsotonicRiskModel().fit(c.runs, y, g)
     path = tmp_path_factory.mktemp("bundle") / "b"
     PredictorBundle(aware, free, source="", version="test-1").save(path, meta)
     return path
@@ -143,19 +144,21 @@ def test_other_feature_schema_and_missing_predictor(ckpt, bundle_dir, tmp_path):
         assert res.exit_code == 1 and msg in res.stderr and res.stderr.count("\n") == 1
 
 
-def test_default_predictor_path_does_not_import_mlflow(ckpt, bundle_dir):
+def test_default_predictor_path_imports_nothing_heavy(ckpt, bundle_dir):
+    """`risk predict --lr` with a directory predictor: no mlflow, pandas, scikit-learn or xgboost."""
     code = f"""
 import sys, json
-import risk_model.predictor as P
-P.default_predictor_path = lambda: __import__("pathlib").Path({str(bundle_dir)!r})
+import risk_model.serve as S
+S.default_predictor_path = lambda: __import__("pathlib").Path({str(bundle_dir)!r})
 from risk_model.cli import app
 try:
     app(["predict", {str(ckpt)!r}, "--lr", "1e-3", "--json"])
 except SystemExit as e:
     assert e.code in (0, None), e.code
-print("MLFLOW_LOADED" if any(m == "mlflow" or m.startswith("mlflow.") for m in sys.modules) else "NO_MLFLOW")
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"mlflow", "pandas", "sklearn", "xgboost", "matplotlib"}})
+print("HEAVY " + ",".join(heavy) if heavy else "NO_HEAVY")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == "NO_MLFLOW"
+    assert res.stdout.strip().splitlines()[-1] == "NO_HEAVY"
     assert json.loads(res.stdout[: res.stdout.rindex("}") + 1])["predictions"][0]["lr"] == 1e-3

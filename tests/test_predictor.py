@@ -1,5 +1,5 @@
-"""RiskPredictor: isotonic map vs scikit-learn's, monotonicity, save/load round trip without pickle,
-schema checks, scikit-learn conventions."""
+"""Estimators: isotonic map vs scikit-learn's, monotonicity, save/load round trip without pickle,
+schema checks, scikit-learn conventions; serving's max_safe_lr and the KSS wording."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,16 @@ from sklearn.isotonic import IsotonicRegression
 
 from risk_model.corpus import load_corpus
 from risk_model.evaluate import auroc
-from risk_model.predictor import (P_CLIP, LR_GRID, PredictorBundle, PredictorError, RiskPredictor, load_bundle,
-                                  max_safe_lr)
+from risk_model.predictor import (P_CLIP, BoostedRiskModel, CalibratedRiskModel, IsotonicRiskModel, PredictorError,
+                                  load_predictor, save_predictor)
+from risk_model.serve import KSS_EFFECT, LR_GRID, PredictorBundle, load_bundle, max_safe_lr
 from synth_corpus import make_corpus, true_logit, write_corpus
 
 FAST = {"num_boost_round": 40}
+
+
+def xgb(calibration="platt", **kw):
+    return CalibratedRiskModel(BoostedRiskModel(xgb_params=FAST), method=calibration, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def split(corpus):
 
 def test_isotonic_equals_sklearn_and_is_monotone(split):
     train, test = split
-    pred = RiskPredictor(method="isotonic").fit(train, train["diverged"], groups=train["config_id"])
+    pred = IsotonicRiskModel().fit(train, train["diverged"], groups=train["config_id"])
     ref = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(train["m_near_mean"], train["diverged"])
     want = np.clip(ref.predict(test["m_near_mean"]), P_CLIP, 1 - P_CLIP)
     np.testing.assert_allclose(pred.predict_proba(test)[:, 1], want, atol=1e-12)
@@ -50,40 +55,40 @@ def test_isotonic_equals_sklearn_and_is_monotone(split):
 
 def test_xgboost_roundtrip_identical_and_no_pickle(split, tmp_path):
     train, test = split
-    pred = RiskPredictor(method="xgboost", xgb_params=FAST).fit(train, train["diverged"], groups=train["config_id"])
-    pred.save(tmp_path / "p", metadata={"corpus_hash": "abc"})
+    pred = xgb().fit(train, train["diverged"], groups=train["config_id"])
+    save_predictor(pred, tmp_path / "p", metadata={"corpus_hash": "abc"})
     for f in (tmp_path / "p").iterdir():
         json.loads(f.read_text())  # every artifact is plain JSON
-    back = RiskPredictor.load(tmp_path / "p")
+    back = load_predictor(tmp_path / "p")
     np.testing.assert_array_equal(back.predict_proba(test), pred.predict_proba(test))
     assert back.metadata_["corpus_hash"] == "abc" and back.feature_names_in_ == pred.feature_names_in_
 
 
 def test_platt_roundtrip_and_probabilities_in_range(split, tmp_path):
     train, test = split
-    pred = RiskPredictor(method="xgboost", calibration="platt", xgb_params=FAST).fit(
+    pred = xgb(calibration="platt").fit(
         train, train["diverged"], groups=train["config_id"])
     p = pred.predict_proba(test)[:, 1]
     assert np.all((p >= P_CLIP) & (p <= 1 - P_CLIP))
-    pred.save(tmp_path / "p")
+    save_predictor(pred, tmp_path / "p")
     assert json.loads((tmp_path / "p" / "calibrator.json").read_text())["kind"] == "platt"
-    np.testing.assert_array_equal(RiskPredictor.load(tmp_path / "p").predict_proba(test), pred.predict_proba(test))
+    np.testing.assert_array_equal(load_predictor(tmp_path / "p").predict_proba(test), pred.predict_proba(test))
 
 
 def test_xgboost_learns_the_generating_law_on_heldout_configs(split):
     train, test = split
-    pred = RiskPredictor(method="xgboost", xgb_params=FAST).fit(train, train["diverged"], groups=train["config_id"])
+    pred = xgb().fit(train, train["diverged"], groups=train["config_id"])
     p = pred.predict_proba(test)[:, 1]
     truth = true_logit(test["m_near_mean"], test["lr"])
     # ranks like the true law does; better than the config-free isotonic map
     assert np.corrcoef(pd.Series(p).rank(), pd.Series(truth).rank())[0, 1] > 0.6
-    iso = RiskPredictor(method="isotonic").fit(train, train["diverged"]).predict_proba(test)[:, 1]
+    iso = IsotonicRiskModel().fit(train, train["diverged"]).predict_proba(test)[:, 1]
     assert auroc(test["diverged"], p) > auroc(test["diverged"], iso)
 
 
 def test_monotone_in_lr_and_max_safe_lr(split):
     train, test = split
-    pred = RiskPredictor(method="xgboost", xgb_params=FAST).fit(train, train["diverged"], groups=train["config_id"])
+    pred = xgb().fit(train, train["diverged"], groups=train["config_id"])
     row = test.iloc[[0]]
     table = pd.concat([row] * len(LR_GRID), ignore_index=True).assign(lr=LR_GRID)
     p = pred.predict_proba(table)[:, 1]
@@ -97,36 +102,50 @@ def test_monotone_in_lr_and_max_safe_lr(split):
 
 
 def test_sklearn_conventions():
-    est = RiskPredictor(method="xgboost", calibration="platt", n_splits=3)
-    assert vars(est) == est.get_params()  # __init__ stores its kwargs and nothing else
-    c = clone(est)
-    assert c.get_params() == est.get_params() and c is not est
-    with pytest.raises(NotFittedError):
-        est.predict_proba(pd.DataFrame({"m_near_mean": [0.1]}))
+    for est in (xgb(n_splits=3), IsotonicRiskModel(score="rho_max"), BoostedRiskModel(random_state=3)):
+        assert vars(est) == est.get_params(deep=False)  # __init__ stores its kwargs and nothing else
+        c = clone(est)
+        assert c.get_params(deep=False).keys() == est.get_params(deep=False).keys() and c is not est
+        with pytest.raises(NotFittedError):
+            est.predict_proba(pd.DataFrame({"m_near_mean": [0.1]}))
+    assert xgb().get_params()["estimator__xgb_params"] == FAST
     with pytest.raises(ValueError, match="one class"):
-        RiskPredictor().fit(pd.DataFrame({"m_near_mean": [0.1, 0.2, 0.3]}), [0, 0, 0])
-    with pytest.raises(ValueError, match="method"):
-        RiskPredictor(method="forest").fit(pd.DataFrame({"m_near_mean": [0.1, 0.2]}), [0, 1])
+        IsotonicRiskModel().fit(pd.DataFrame({"m_near_mean": [0.1, 0.2, 0.3]}), [0, 0, 0])
+    with pytest.raises(ValueError, match="calibration method"):
+        CalibratedRiskModel(IsotonicRiskModel(), method="beta").fit(pd.DataFrame({"m_near_mean": [0.1, 0.2]}), [0, 1])
+
+
+def test_calibrated_estimator_is_the_composition(split):
+    """CalibratedRiskModel = its estimator refitted on every row, then the calibrator."""
+    train, test = split
+    pred = xgb().fit(train, train["diverged"], groups=train["config_id"])
+    inner = BoostedRiskModel(xgb_params=FAST).fit(train, train["diverged"])
+    raw = inner.predict_proba(test)[:, 1]
+    np.testing.assert_allclose(pred.estimator_.predict_proba(test)[:, 1], raw, atol=1e-12)
+    a, b = pred.calibrator_.a_, pred.calibrator_.b_
+    z = np.log(np.clip(raw, 1e-6, 1 - 1e-6) / (1 - np.clip(raw, 1e-6, 1 - 1e-6)))
+    want = np.clip(1 / (1 + np.exp(-(a * z + b))), P_CLIP, 1 - P_CLIP)
+    np.testing.assert_allclose(pred.predict_proba(test)[:, 1], want, atol=1e-12)
 
 
 def test_other_feature_schema_is_refused(split, tmp_path):
     train, _ = split
-    pred = RiskPredictor(method="xgboost", xgb_params=FAST).fit(train, train["diverged"], groups=train["config_id"])
-    pred.save(tmp_path / "p")
+    pred = xgb().fit(train, train["diverged"], groups=train["config_id"])
+    save_predictor(pred, tmp_path / "p")
     meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
     meta["feature_names"] = meta["feature_names"][:-1] + ["grad_clip"]
     (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(PredictorError, match="another feature schema"):
-        RiskPredictor.load(tmp_path / "p")
+        load_predictor(tmp_path / "p")
     with pytest.raises(PredictorError, match="not a predictor directory"):
-        RiskPredictor.load(tmp_path)
+        load_predictor(tmp_path)
 
 
 def test_bundle_roundtrip(split, tmp_path):
     train, test = split
     y, g = train["diverged"], train["config_id"]
-    b = PredictorBundle(RiskPredictor(method="xgboost", xgb_params=FAST).fit(train, y, g),
-                        RiskPredictor().fit(train, y, g), source="", version="v1")
+    b = PredictorBundle(xgb().fit(train, y, g),
+                        IsotonicRiskModel().fit(train, y, g), source="", version="v1")
     b.save(tmp_path / "b")
     back = load_bundle(tmp_path / "b")
     assert back.version == "v1"
@@ -134,16 +153,30 @@ def test_bundle_roundtrip(split, tmp_path):
     np.testing.assert_array_equal(back.config_free.predict_proba(test), b.config_free.predict_proba(test))
 
 
-def test_kss_recommendation_reads_measured_effect(tmp_path):
-    from risk_model.predictor import kss_sentence
+def test_kss_effect_matches_the_benchmark_result():
+    """The served KSS numbers are the measured ones in benchmarks/results/kss.json."""
+    from pathlib import Path
 
-    f = tmp_path / "kss.json"
-    f.write_text(json.dumps({"no_kss": {"runs": 24, "diverged": 16}, "kss": {"runs": 24, "diverged": 3},
-                             "overhead_pct": 9.0}))
-    assert "enable KSS" in kss_sentence(f) and "67% → 12%" in kss_sentence(f)
-    f.write_text(json.dumps({"no_kss": {"runs": 24, "diverged": 17}, "kss": {"runs": 24, "diverged": 19}}))
-    s = kss_sentence(f)
-    assert "did not reduce divergence" in s and "71% → 79%" in s and "enable KSS" not in s
-    f.write_text(json.dumps({"no_kss": {"runs": 24, "diverged": 17}, "kss": {"runs": 24, "diverged": 16}}))
-    assert "not significant" in kss_sentence(f) and "enable KSS" not in kss_sentence(f)
-    assert "not yet measured" in kss_sentence(tmp_path / "missing.json")
+    from scipy.stats import fisher_exact
+
+    d = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kss.json").read_text())
+    assert (KSS_EFFECT["runs_without"], KSS_EFFECT["diverged_without"]) == (d["no_kss"]["runs"], d["no_kss"]["diverged"])
+    assert (KSS_EFFECT["runs_with"], KSS_EFFECT["diverged_with"]) == (d["kss"]["runs"], d["kss"]["diverged"])
+    assert KSS_EFFECT["overhead_pct"] == d["overhead_pct"]
+    k_off, n_off, k_on, n_on = d["no_kss"]["diverged"], d["no_kss"]["runs"], d["kss"]["diverged"], d["kss"]["runs"]
+    p = fisher_exact([[k_off, n_off - k_off], [k_on, n_on - k_on]], alternative="greater")[1]
+    assert KSS_EFFECT["fisher_p"] == pytest.approx(p, abs=1e-3)
+
+
+def test_kss_recommendation_wording(monkeypatch):
+    from risk_model import serve
+    from risk_model.cli import kss_sentence
+
+    monkeypatch.setattr(serve, "KSS_EFFECT", dict(runs_without=24, diverged_without=16, runs_with=24,
+                                                  diverged_with=3, overhead_pct=9.0, fisher_p=1e-4))
+    assert "enable KSS" in kss_sentence() and "67% → 12%" in kss_sentence()
+    monkeypatch.setattr(serve, "KSS_EFFECT", dict(runs_without=24, diverged_without=17, runs_with=24,
+                                                  diverged_with=19, overhead_pct=3.7, fisher_p=0.9))
+    assert "did not reduce divergence" in kss_sentence() and "71% → 79%" in kss_sentence()
+    monkeypatch.undo()
+    assert "not significant" in kss_sentence() and "enable KSS" not in kss_sentence()

@@ -14,7 +14,7 @@ from torch import nn
 from risk_model.sweep.spec import SweepSpecError, config_id, make_config, parse_spec, run_id
 from risk_model.sweep.tasks import make_task
 from risk_model.sweep.trainer import count_spikes, train_run
-from risk_model.sweep.zoo import (FAMILIES, NORMS, RMSNorm, build_model, load_checkpoint,
+from risk_model.zoo import (FAMILIES, NORMS, RMSNorm, build_model, load_checkpoint,
                                   save_checkpoint)
 
 TINY = dict(d_model=16, n_layers=2, n_heads=2, block_size=8, vocab_size=32, mlp_ratio=2,

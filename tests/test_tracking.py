@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from risk_model import tracking
 from risk_model.cli import app
 from risk_model.corpus import load_corpus
-from risk_model.predictor import load_bundle
-from risk_model.sweep.zoo import build_model, save_checkpoint
+from risk_model.serve import load_bundle
+from risk_model.zoo import build_model, save_checkpoint
 from synth_corpus import make_corpus, write_corpus
 
 runner = CliRunner()

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zoo import FAMILIES as ZOO_FAMILIES
-from .zoo import MODEL_ARG_NAMES as ZOO_ARG_NAMES
-from .zoo import NORMS, RMSNorm, build_model as build_zoo_model
+from risk_model.zoo import FAMILIES as ZOO_FAMILIES
+from risk_model.zoo import MODEL_ARG_NAMES as ZOO_ARG_NAMES
+from risk_model.zoo import NORMS, RMSNorm, build_model as build_zoo_model
 
 HF_FAMILIES = ("hf_gpt2", "hf_llama", "hf_neox")
 FAMILIES = ZOO_FAMILIES + ("mamba",) + HF_FAMILIES

@@ -23,7 +23,9 @@ def sweep_command(
 
     Killed and started again, it resumes: finished runs are kept, none is duplicated.
     """
-    from .runner import CorpusError, run_sweep
+    from risk_model.errors import CorpusError
+
+    from .runner import run_sweep
     from .spec import SweepSpecError
 
     try:

@@ -34,16 +34,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from risk_model.errors import CorpusError
+
 from .spec import RunConfig, parse_spec, read_toml, run_id
 
 META_KEY = b"divergence_risk"
 FORMAT = "sweep/1"
 RUNS, LAYERS, PARTS = "runs.parquet", "layers.parquet", "parts"
 BACKENDS = ("joblib", "dask")
-
-
-class CorpusError(ValueError):
-    """An output folder or corpus file cannot be used (foreign, corrupt, inconsistent)."""
 
 
 # ----------------------------------------------------------------------------------- storage
@@ -160,14 +158,18 @@ def consolidate(out: Path) -> tuple[int, int]:
 
 
 def load_corpus(out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(runs, layers)`` of a sweep folder, consolidating any leftover parts first."""
+    """``(runs, layers)`` of a sweep folder as stored (a ladder's layers keyed by ``model_id``, the
+    per-step curves kept), consolidating any leftover parts first; read by
+    ``risk_model.corpus.read_tables``. ``risk_model.corpus.load_corpus`` validates and merges."""
+    from risk_model.corpus import read_tables
+
     out = Path(out)
     check_out_dir(out)
     consolidate(out)
     if not (out / RUNS).exists():
         raise CorpusError(f"{out} holds no {RUNS}")
-    layers = _read(out / LAYERS) if (out / LAYERS).exists() else pd.DataFrame()
-    return _read(out / RUNS), layers
+    runs, layers = read_tables(out, curves=True)
+    return runs, (layers if layers is not None else pd.DataFrame())
 
 
 # ----------------------------------------------------------------------------------- execution
@@ -382,9 +384,3 @@ def run_sweep(
                 failed=failed, diverged=diverged, runs=n_runs, layer_rows=n_layers,
                 seconds=round(time.time() - t0, 2), runs_path=str(out / RUNS),
                 layers_path=str(out / LAYERS))
-
-
-if __name__ == "__main__":  # python -m risk_model.sweep.runner SPEC --out DIR [...]
-    from .cli import main
-
-    main()

@@ -35,7 +35,7 @@ import numpy as np
 
 from .archs import ARCH_ARG_NAMES, FAMILIES, FAMILY_NORMS
 from .tasks import TASKS
-from .zoo import NORMS
+from risk_model.zoo import NORMS
 
 OPTIMIZERS = ("adamw", "lion", "sgd")
 SAMPLERS = ("lhs", "random", "grid")
