@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
-import scipy.optimize
 
 from .schema import CONTRACTIVE, EXPANSIVE, NEAR_LOW  # the mass bands, named once
 
@@ -109,6 +107,8 @@ def kreiss_constant(A: np.ndarray, *, n_theta: int = 61, n_r: int = 21) -> float
     m = A.shape[0]
     if m == 0:
         return float("nan")
+    import scipy.linalg
+
     T, _ = scipy.linalg.schur(A.astype(complex), output="complex")
     rho = float(np.max(np.abs(np.diag(T))))
     T = T / max(1.0, rho)
@@ -138,9 +138,63 @@ def kreiss_constant(A: np.ndarray, *, n_theta: int = 61, n_r: int = 21) -> float
     order = np.argsort(vals.ravel())[::-1][:2]
     for idx in order:
         i, j = np.unravel_index(idx, vals.shape)
-        res = scipy.optimize.minimize(
-            negf, np.array([TT[i, j], LL[i, j]]), method="Nelder-Mead",
-            options=dict(xatol=1e-4, fatol=1e-6 * max(best, 1.0), maxiter=250),
-        )
-        best = max(best, -float(res.fun))
+        fun = nelder_mead(negf, np.array([TT[i, j], LL[i, j]]), xatol=1e-4, fatol=1e-6 * max(best, 1.0),
+                          maxiter=250)
+        best = max(best, -float(fun))
     return best
+
+
+def nelder_mead(f, x0: np.ndarray, *, xatol: float, fatol: float, maxiter: int) -> float:
+    """Smallest value of ``f`` found by Nelder–Mead from ``x0``: the iteration of
+    ``scipy.optimize.minimize(f, x0, method="Nelder-Mead", options=dict(xatol=.., fatol=.., maxiter=..))``
+    step for step (its simplex, coefficients and stopping rule; no bounds), without importing
+    scipy.optimize (≈0.2 s) on ``risk predict``'s path. ``tests/test_spectra.py`` checks the two agree."""
+    rho, chi, psi, sigma = 1.0, 2.0, 0.5, 0.5
+    x0 = np.asarray(x0, dtype=float).ravel()
+    n = len(x0)
+    sim = np.empty((n + 1, n))
+    sim[0] = x0
+    for k in range(n):
+        y = x0.copy()
+        y[k] = (1 + 0.05) * y[k] if y[k] != 0 else 0.00025
+        sim[k + 1] = y
+    fsim = np.array([f(x) for x in sim], dtype=float)
+    ind = np.argsort(fsim)
+    sim, fsim = np.take(sim, ind, 0), np.take(fsim, ind, 0)
+    iterations = 1
+    while iterations < maxiter:
+        if np.max(np.abs(sim[1:] - sim[0])) <= xatol and np.max(np.abs(fsim[0] - fsim[1:])) <= fatol:
+            break
+        xbar = np.add.reduce(sim[:-1], 0) / n
+        xr = (1 + rho) * xbar - rho * sim[-1]
+        fxr = f(xr)
+        if fxr < fsim[0]:
+            xe = (1 + rho * chi) * xbar - rho * chi * sim[-1]
+            fxe = f(xe)
+            sim[-1], fsim[-1] = (xe, fxe) if fxe < fxr else (xr, fxr)
+        elif fxr < fsim[-2]:
+            sim[-1], fsim[-1] = xr, fxr
+        else:
+            shrink = False
+            if fxr < fsim[-1]:  # outside contraction
+                xc = (1 + psi * rho) * xbar - psi * rho * sim[-1]
+                fxc = f(xc)
+                if fxc <= fxr:
+                    sim[-1], fsim[-1] = xc, fxc
+                else:
+                    shrink = True
+            else:  # inside contraction
+                xcc = (1 - psi) * xbar + psi * sim[-1]
+                fxcc = f(xcc)
+                if fxcc < fsim[-1]:
+                    sim[-1], fsim[-1] = xcc, fxcc
+                else:
+                    shrink = True
+            if shrink:
+                for j in range(1, n + 1):
+                    sim[j] = sim[0] + sigma * (sim[j] - sim[0])
+                    fsim[j] = f(sim[j])
+        iterations += 1
+        ind = np.argsort(fsim)
+        sim, fsim = np.take(sim, ind, 0), np.take(fsim, ind, 0)
+    return float(np.min(fsim))

@@ -68,3 +68,23 @@ def test_eigenvector_condition():
     s = np.linalg.svd(V, compute_uv=False)
     assert eigenvector_condition(V) == pytest.approx(s[0] / s[1])
     assert eigenvector_condition(V) > 1e3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nelder_mead_is_scipys(seed):
+    """The Kreiss refinement's Nelder–Mead follows scipy.optimize.minimize(method="Nelder-Mead") exactly."""
+    import scipy.optimize
+
+    from featurize.spectra import nelder_mead
+
+    rng = np.random.default_rng(seed)
+    c, w = rng.normal(size=2), rng.uniform(0.5, 3, size=2)
+
+    def f(p):  # a bumpy bowl, several local minima
+        return float(np.sum(w * (p - c) ** 2) + 0.3 * np.sin(5 * p[0]) * np.cos(3 * p[1]))
+
+    x0 = rng.normal(size=2) * 2
+    x0[seed % 2] = 0.0 if seed >= 4 else x0[seed % 2]  # the zero-coordinate simplex rule too
+    opts = dict(xatol=1e-4, fatol=1e-6, maxiter=250 if seed else 5)
+    want = scipy.optimize.minimize(f, x0, method="Nelder-Mead", options=opts).fun
+    assert nelder_mead(f, x0, **opts) == want
