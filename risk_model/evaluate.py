@@ -91,7 +91,11 @@ def bootstrap_auroc_diff_ci(y, s_a, s_b, n_boot: int = 1000, seed: int = 0) -> t
     return auroc(y, s_a) - auroc(y, s_b), float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
 
 
-def ece(y, p, n_bins: int = 10) -> float:
+#: Bins of the expected calibration error (equal width), in the metrics and the reliability plot.
+ECE_BINS = 10
+
+
+def ece(y, p, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error of P(diverged) (netcal): Σ_b (n_b/n)·|observed rate_b − mean p_b| over
     ``n_bins`` equal-width bins [e_k, e_k+1) with edges ``np.linspace(0, 1, n_bins + 1)``."""
     from netcal.metrics import ECE
@@ -308,7 +312,7 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
     res = dict(table=table, summary=summary, holdout=holdout,
                comparison=dict(delta_auroc=comp[0], lo=comp[1], hi=comp[2], a=cands[1].name, b=cands[-1].name),
                oof=oof, y=y, n_runs=len(runs), n_configs=int(runs["group_id"].nunique()),
-               corpus_hash=corpus.hash, n_splits=len(splits), files=[])
+               corpus_hash=corpus.hash, n_splits=len(splits), n_boot=n_boot, ece_bins=ECE_BINS, files=[])
     if out_dir is not None:
         res["files"] = write_report(res, runs, Path(out_dir))
     return res
@@ -328,15 +332,22 @@ def _fmt(v, f=".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)
 
 
-def plot_roc(res: dict, path: Path, names: list[str] | None = None) -> Path:
-    import matplotlib
+def _figure(**kw):
+    """A matplotlib Figure on its own Agg canvas: no pyplot, no change to the global backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_roc(res: dict, path: Path, names: list[str] | None = None) -> Path:
     from sklearn.metrics import roc_curve
 
     y = res["y"]
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = _figure(figsize=(5.5, 5))
+    ax = fig.subplots()
     rows = {r["name"]: r for r in res["table"]}
     for name in names or list(rows)[:2] + [list(rows)[-1]]:
         p = res["oof"][name]
@@ -349,19 +360,14 @@ def plot_roc(res: dict, path: Path, names: list[str] | None = None) -> Path:
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
-def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bins: int = 10) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bins: int = ECE_BINS) -> Path:
     y = res["y"]
     names = names or [r["name"] for r in res["table"][:2]]
-    fig, axes = plt.subplots(2, 1, figsize=(5.5, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig = _figure(figsize=(5.5, 6.5))
+    axes = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     edges = np.linspace(0, 1, n_bins + 1)
     for name in names:
         p = res["oof"][name]
@@ -376,14 +382,13 @@ def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bi
         axes[1].hist(p, bins=edges, histtype="step", label=name)
     axes[0].plot([0, 1], [0, 1], "k:", lw=0.8)
     axes[0].set_ylabel("observed divergence rate")
-    axes[0].set_title("Reliability (10 bins), grouped-CV held-out probabilities", fontsize=10)
+    axes[0].set_title(f"Reliability ({n_bins} bins), grouped-CV held-out probabilities", fontsize=10)
     axes[0].legend(fontsize=6, loc="upper left")
     axes[1].set_xlabel("predicted P(divergence)")
     axes[1].set_ylabel("runs")
     axes[1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -398,7 +403,7 @@ def write_report(res: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
              f"({100 * y.mean():.1f}%); corpus hash `{res['corpus_hash'][:16]}`.")
     L.append(f"Protocol: {res['n_splits']}-fold GroupKFold on `group_id` (the model of a learning-rate "
              "ladder, or a config's seeds, never straddles folds); every fitted map is fitted on the training folds only. AUROC 95% CI: percentile "
-             "bootstrap, 1000 resamples of the runs. ECE: 10 equal-width bins (netcal).")
+             f"bootstrap, {res['n_boot']} resamples of the runs. ECE: {res['ece_bins']} equal-width bins (netcal).")
     L += ["", "## Predictors and the paper's Table 2 baselines (grouped CV)", "",
           "| predictor | available | AUROC | 95% CI | AUROC from | ECE | Brier | log-loss |",
           "|---|---|---|---|---|---|---|---|"]

@@ -95,6 +95,7 @@ def test_evaluation_report(result):
         assert any(needle in n for n in names), needle
     md = (out / "evaluation.md").read_text()
     assert all(n in md for n in names)
+    assert "100 resamples" in md and "1000 resamples" not in md  # the text follows the arguments used
     for png in ("roc.png", "reliability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     y = c.runs["diverged"].to_numpy()
