@@ -1,0 +1,176 @@
+"""Init-time scale features of any network: one forward and one backward pass on a probe batch.
+
+Two groups (the ``spectral`` group is the RKSP profile, ``featurize``):
+
+``forward``
+    per residual block, the update ratio RMS(y − x) / RMS(x) of the stream through the block
+    (aggregated over all blocks and over the first, middle and last third of depth), the
+    residual-stream growth log10 RMS(x_out of last block) / RMS(x_in of first block), the logit
+    scale (std of the output logits) and, for a language model, the initial next-token loss on the
+    probe minus ln(vocab).
+``gradient`` (ours)
+    one backward pass of that loss: log10 of the global gradient norm and, per parameter group,
+    log10 RMS(W) (the measured init scale: Adam's first update moves every entry by about lr, so
+    its relative size is lr / RMS(W)), log10 ‖g‖ and log10 ‖g‖/‖W‖ (SGD's relative first update
+    per unit LR). Groups by role, read off names and shapes: ``embed`` (embedding tables),
+    ``out`` (residual output projections: c_proj, o_proj, down_proj, out_proj, dense_4h_to_h,
+    attention.dense, fc2, w2, wo), ``gain`` (1-D: norm gains and biases), ``hidden`` (every other
+    matrix).
+
+The probe: ``batch`` sequences of uniformly random token ids of length min(context, ``seq_len``),
+seeded; the loss is next-token cross-entropy on it (a task-free stand-in for the first batch). The
+caller's torch RNG is left as it was and the model's weights, gradients and train/eval mode are
+restored. Networks without an embedding (no token ids) get NaN for the features that need them.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUPS = ("embed", "out", "hidden", "gain")
+_OUT = re.compile(r"(c_proj|o_proj|down_proj|out_proj|dense_4h_to_h|attention\.dense|fc2|\.w2|\.wo)"
+                  r"(\.base|\.spline)?\.weight$")
+_THIRDS = ("early", "mid", "late")
+
+
+def forward_feature_names() -> list[str]:
+    return (["update_ratio_mean", "update_ratio_max", "log10_update_ratio_mean"]
+            + [f"update_ratio_{t}" for t in _THIRDS]
+            + ["log10_stream_growth", "log10_logit_std", "init_loss_excess"])
+
+
+def gradient_feature_names() -> list[str]:
+    out = ["log10_grad_norm", "log10_n_params"]
+    for g in GROUPS:
+        out += [f"log10_rms_w_{g}", f"log10_grad_{g}", f"log10_grad_rel_{g}"]
+    return out
+
+
+def param_group(name: str, p: torch.Tensor, embed_ids: set[int]) -> str:
+    """Role of a parameter: ``embed``, ``out``, ``gain`` or ``hidden`` (module docstring)."""
+    if id(p) in embed_ids:
+        return "embed"
+    if p.dim() <= 1:
+        return "gain"
+    if _OUT.search(name):
+        return "out"
+    return "hidden"
+
+
+def _context(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "block_size", "seq_len", "n_ctx"):
+        val = getattr(cfg, key, None) if cfg is not None else None
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def _log10(x: float) -> float:
+    return math.log10(x) if x > 0 and math.isfinite(x) else float("nan")
+
+
+def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, batch: int = 8,
+                  seq_len: int = 32, seed: int = 0) -> dict[str, float]:
+    """``forward`` and ``gradient`` features of ``model`` at its current weights (module doc).
+
+    Parameters
+    ----------
+    model : nn.Module mapping token ids (B, T) to logits (B, T, V) (a tensor or an object with
+        ``.logits``)
+    blocks : the residual blocks (``featurize.find_blocks``); discovered when omitted
+    batch, seq_len, seed : the probe
+
+    Returns
+    -------
+    dict of float, keys ``forward_feature_names() + gradient_feature_names()`` (NaN where the
+    network gives no token-id input or no logits)
+    """
+    feats = {k: float("nan") for k in forward_feature_names() + gradient_feature_names()}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    feats["log10_n_params"] = _log10(float(sum(p.numel() for _, p in params)))
+    embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    embed_ids = {id(m.weight) for m in embeds}
+    groups: dict[str, list[torch.Tensor]] = {g: [] for g in GROUPS}
+    for n, p in params:
+        groups[param_group(n, p, embed_ids)].append(p)
+    for g, ps in groups.items():
+        if ps:
+            sq = sum(float(p.detach().double().pow(2).sum()) for p in ps)
+            feats[f"log10_rms_w_{g}"] = _log10(math.sqrt(sq / sum(p.numel() for p in ps)))
+    if not embeds:
+        return feats
+    if blocks is None:
+        from featurize.capture import find_blocks
+
+        _, blocks = find_blocks(model)
+    ctx = _context(model)
+    T = min(ctx, seq_len) if ctx else seq_len
+    V = embeds[0].num_embeddings
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (batch, T + 1), generator=gen)        # (B, T+1)
+    x_in, y_out = ids[:, :-1], ids[:, 1:]                            # (B, T), (B, T)
+
+    ratios: list[float] = []
+    stream: list[float] = []
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("hidden_states")
+        y = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
+            xd, yd = x.detach().double(), y.detach().double()
+            rx = float(xd.pow(2).mean().sqrt())
+            ratios.append(float((yd - xd).pow(2).mean().sqrt()) / max(rx, 1e-30))
+            if not stream:
+                stream.append(rx)
+            stream.append(float(yd.pow(2).mean().sqrt()))
+
+    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in blocks]
+    saved_grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in params}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = model(x_in)
+            logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+            if logits is None or logits.dim() != 3 or logits.shape[-1] < 2:
+                return feats
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                               y_out.reshape(-1) % logits.shape[-1])
+            for _, p in params:
+                p.grad = None
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    r = np.asarray(ratios[: len(blocks)], dtype=float)
+    if r.size:
+        feats["update_ratio_mean"] = float(r.mean())
+        feats["update_ratio_max"] = float(r.max())
+        feats["log10_update_ratio_mean"] = _log10(float(r.mean()))
+        for t, part in zip(_THIRDS, np.array_split(r, 3)):
+            feats[f"update_ratio_{t}"] = float(part.mean()) if part.size else float(r.mean())
+    if len(stream) >= 2:
+        feats["log10_stream_growth"] = _log10(stream[len(blocks)] / stream[0]) \
+            if len(stream) > len(blocks) else _log10(stream[-1] / stream[0])
+    feats["log10_logit_std"] = _log10(float(logits.detach().double().std()))
+    feats["init_loss_excess"] = float(loss.detach()) - math.log(logits.shape[-1])
+    total = 0.0
+    for g, ps in groups.items():
+        gs = [p.grad for p in ps if p.grad is not None]
+        if not gs:
+            continue
+        gsq = sum(float(x.double().pow(2).sum()) for x in gs)
+        wsq = sum(float(p.detach().double().pow(2).sum()) for p in ps if p.grad is not None)
+        total += gsq
+        feats[f"log10_grad_{g}"] = _log10(math.sqrt(gsq))
+        feats[f"log10_grad_rel_{g}"] = _log10(math.sqrt(gsq) / max(math.sqrt(wsq), 1e-30))
+    feats["log10_grad_norm"] = _log10(math.sqrt(total))
+    for n, p in params:  # restore the caller's gradients
+        p.grad = saved_grads[n]
+    return feats

@@ -1,0 +1,103 @@
+"""``models.parquet`` of a ladder corpus: one row per model, its stability boundary and its
+init-time ``forward`` and ``gradient`` features (``risk_model.init_features``).
+
+Models are rebuilt from their config (``torch.manual_seed(seed)``, then ``archs.build_network``;
+the stored ``init_loss`` is checked against the rebuilt model's loss on the run's first batch, to
+1% — the relative difference is kept in ``rebuild_loss_rel_err``), so features can be added
+without retraining. Resumable: models already
+in the table are kept.
+
+    python -m risk_model.sweep.model_table datasets/corpus-v2
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+MODELS = "models.parquet"
+#: per-model columns copied from the runs table (constant within a model)
+MODEL_COLUMNS = ["model_id", "family", "norm", "d_model", "n_layers", "n_heads", "mlp_ratio",
+                 "init_std", "embed_std", "out_std", "seq_len", "vocab_size", "seed", "task",
+                 "optimizer", "warmup", "grad_clip", "weight_decay", "batch_size", "steps",
+                 "n_params", "lr_stable_max", "lr_diverge_min", "bracketed", "n_rungs_run"]
+
+
+class RebuildError(RuntimeError):
+    """A model rebuilt from its config does not reproduce the stored initial loss."""
+
+
+def model_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: ``MODEL_COLUMNS`` plus ``dead_at_init`` and the runs' LRs."""
+    g = runs.groupby("model_id", sort=True)
+    out = g.first()[[c for c in MODEL_COLUMNS if c != "model_id"]].copy()
+    out["dead_at_init"] = g["dead_at_init"].any()
+    out["init_loss"] = g["init_loss"].first()
+    return out.reset_index()
+
+
+def rebuild(row: pd.Series):
+    """The model of a corpus row at its initial weights, and its run config."""
+    import torch
+
+    from .archs import build_network
+    from .spec import RunConfig
+
+    fields = set(RunConfig.__dataclass_fields__)
+    cfg = RunConfig(**{k: (row[k].item() if hasattr(row[k], "item") else row[k])
+                       for k in fields if k in row.index})
+    torch.manual_seed(cfg.seed)
+    return build_network(cfg.model_args()), cfg
+
+
+def features_of(row: pd.Series) -> dict:
+    """``init_features`` of one corpus model, after checking the rebuild reproduces ``init_loss``."""
+    import torch
+
+    from ..init_features import init_features
+    from .archs import logits_of
+    from .trainer import make_run_task
+
+    model, cfg = rebuild(row)
+    task = make_run_task(cfg)
+    x, y = task.batch()
+    with torch.no_grad():
+        loss = float(task.loss(logits_of(model(x)), y))
+    stored = float(row["init_loss"])
+    rel = abs(loss - stored) / abs(stored) if math.isfinite(loss) and math.isfinite(stored) else 0.0
+    if rel > 1e-2 or math.isfinite(loss) != math.isfinite(stored):
+        raise RebuildError(f"model {row['model_id']}: rebuilt loss {loss} != stored {stored}")
+    # float reductions differ slightly between processes (threads, kernels): recorded, not hidden
+    return {**init_features(model, seed=0), "rebuild_loss_rel_err": rel}
+
+
+def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame:
+    """Compute (or extend) ``corpus/models.parquet``; returns the table."""
+    import torch
+
+    from .runner import load_corpus, write_parquet_atomic
+
+    corpus = Path(corpus)
+    runs, _ = load_corpus(corpus)
+    rows = model_rows(runs)
+    path = corpus / MODELS
+    have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["model_id"])
+    todo = rows[~rows["model_id"].isin(set(have["model_id"]))]
+    torch.set_num_threads(1)
+    feats = []
+    for i, (_, r) in enumerate(todo.iterrows()):
+        feats.append({"model_id": r["model_id"], **features_of(r)})
+        if progress and (i + 1) % 25 == 0:
+            print(f"[models] {i + 1}/{len(todo)}", file=sys.stderr, flush=True)
+    new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else todo.iloc[:0]
+    table = pd.concat([have, new], ignore_index=True) if len(have) else new
+    table = table[table["model_id"].isin(set(rows["model_id"]))].reset_index(drop=True)
+    write_parquet_atomic(table, path, "models")
+    return table
+
+
+if __name__ == "__main__":
+    t = build_model_table(sys.argv[1])
+    print(f"{len(t)} models in {Path(sys.argv[1]) / MODELS}")
