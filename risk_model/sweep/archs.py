@@ -92,12 +92,16 @@ class SelectiveSSM(nn.Module):
         A = -torch.exp(self.A_log)                                            # (di, n)
         dA = torch.exp(dt.unsqueeze(-1) * A)                                  # (B, T, di, n)
         dBx = dt.unsqueeze(-1) * Bm.unsqueeze(2) * xi.unsqueeze(-1)           # (B, T, di, n)
-        h = x.new_zeros(B, self.d_inner, self.d_state)                        # (B, di, n)
-        ys = []
-        for t in range(T):
-            h = dA[:, t] * h + dBx[:, t]                                      # (B, di, n)
-            ys.append((h * Cm[:, t].unsqueeze(1)).sum(-1))                    # (B, di)
-        y = torch.stack(ys, dim=1) + xi * self.D                              # (B, T, di)
+        # unbind once: indexing dA[:, t] in the loop would make every backward step zero-fill a
+        # full (B, T, di, n) gradient (quadratic in T)
+        dA_t, dBx_t = dA.unbind(1), dBx.unbind(1)                            # T × (B, di, n)
+        h = dBx_t[0]                                                          # (B, di, n)
+        hs = [h]
+        for t in range(1, T):                                                 # one fused op a step
+            h = torch.addcmul(dBx_t[t], dA_t[t], h)                           # (B, di, n)
+            hs.append(h)
+        H = torch.stack(hs, dim=1)                                            # (B, T, di, n)
+        y = torch.einsum("btdn,btn->btd", H, Cm) + xi * self.D                # (B, T, di)
         return self.out_proj(y * F.silu(z))                                   # (B, T, d)
 
 
