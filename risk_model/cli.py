@@ -16,6 +16,20 @@ import typer
 
 from risk_model.errors import UsageError
 
+
+def _flags_without_type(option_cls) -> None:
+    """Typer's help prints ``<bool>`` after flags (``--json``, ``--help``) as if they took a value;
+    show no type for flags instead."""
+    shown = option_cls.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option_cls.display_type_rich = display_type_rich
+
+
+_flags_without_type(typer.core.TyperOption)
+
 app = typer.Typer(
     name="risk",
     help="Probability that a transformer training run diverges, from one forward pass at init.",
@@ -25,16 +39,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: eager, so it answers before click asks for a command."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(version("divergence-risk"))
+        except PackageNotFoundError:  # run from a source tree without installing
+            from risk_model import __version__
+
+            typer.echo(__version__)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
 ) -> None:
     """Probability that a transformer training run diverges, from one forward pass at init."""
-    if version:
-        from risk_model import __version__
-
-        typer.echo(__version__)
-        raise typer.Exit(0)
 
 
 def fail(msg: str) -> None:
@@ -152,7 +176,9 @@ def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples:
         bar.close()
 
 
-ModelArg = typer.Argument(..., help="Model file: zoo checkpoint (.pt), Hugging Face directory, or pickled module with --trust-pickle.")
+ModelArg = typer.Argument(..., help="Model: a zoo checkpoint (.pt), a Hugging Face directory, `example` or "
+                          "`example:<norm>` (the built-in 4-layer GPT, d=64; norm one of pre_ln, post_ln, rmsnorm, "
+                          "deepnorm, subln, none), or a pickled module with --trust-pickle.")
 BlocksOpt = typer.Option(None, "--blocks", help="Dotted name of the residual-block container (default: discovered).")
 SamplesOpt = typer.Option(2048, "--n-samples", help="Token states per layer (N).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the probe inputs and the randomized DMD.")
@@ -561,7 +587,42 @@ def evaluate_cmd(
 # ==================================================================== sweep
 from risk_model.sweep.cli import sweep_command  # noqa: E402 - light: typer and pathlib only
 
-app.command("sweep")(sweep_command)
+
+
+class _SweepCommand(typer.core.TyperCommand):
+    """`risk sweep`, whose --help lists the spec's keys. The list comes from the spec module, which
+    imports torch: built only when this command's help is shown, so `risk --help` stays fast."""
+
+    def format_help(self, ctx, formatter):
+        if not getattr(self, "_keys_added", False):
+            self.help = (self.help or "") + "\n\n" + _sweep_spec_keys()
+            self._keys_added = True
+        return super().format_help(ctx, formatter)
+
+
+def _sweep_spec_keys() -> str:
+    from dataclasses import fields
+
+    from risk_model.sweep.spec import _CHOICES, SAMPLERS, RunConfig
+
+    grid = []
+    for f in fields(RunConfig):
+        choices = _CHOICES.get(f.name)
+        grid.append(f"{f.name} ({'|'.join(choices)})" if choices else f"{f.name} (default {f.default!r})")
+    try:
+        from risk_model.sweep.ladder import _TOP_KEYS as ladder_keys
+
+        ladder = ("; kind = \"ladder\" instead reads a learning-rate ladder spec with keys " +
+                  ", ".join(sorted(k for k in ladder_keys if k != "kind")))
+    except ImportError:  # pragma: no cover - the ladder sweep is optional
+        ladder = ""
+    return ("Spec keys (TOML). Top level: kind (\"runs\", the default" + ladder + "); name; n_runs (runs to sample); sampler (" + "|".join(SAMPLERS) +
+            "); seed (of the sampler); seeds_per_config (training seeds per sampled config); table \\[grid]: a value or "
+            "a list of values per run key, any of: " + ", ".join(grid) + ". Keys left out take their default. "
+            "Example: datasets/corpus-v1/spec.toml.")
+
+
+app.command("sweep", cls=_SweepCommand)(sweep_command)
 
 
 def main() -> None:  # pragma: no cover

@@ -83,6 +83,12 @@ EXAMPLE_PREFIX = "example"
 EXAMPLE_NORMS = ("pre_ln", "post_ln", "rmsnorm", "deepnorm", "subln", "none")
 
 
+def is_example_name(spec: str) -> bool:
+    """True for exactly ``example`` or ``example:<anything>`` (an unknown norm is then an error):
+    a mistyped path such as ``example_model.pt`` is never the built-in network."""
+    return spec == EXAMPLE_PREFIX or spec.startswith(EXAMPLE_PREFIX + ":")
+
+
 def example_model(spec: str = "example") -> nn.Module:
     """The built-in example network named by ``spec`` (``example`` or ``example:<norm>``), seeded."""
     norm = spec.split(":", 1)[1] if ":" in spec else "pre_ln"
@@ -104,10 +110,12 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
         One-line, user-facing reason and what to do.
     """
     path = Path(path)
-    if not path.exists() and str(path).startswith(EXAMPLE_PREFIX):
+    if not path.exists() and is_example_name(str(path)):
         return example_model(str(path))
     if not path.exists():
-        raise ModelLoadError(f"{path}: no such file or directory")
+        hint = " (the built-in network is named exactly `example` or `example:<norm>`)" if (
+            str(path).startswith(EXAMPLE_PREFIX)) else ""
+        raise ModelLoadError(f"{path}: no such file or directory{hint}")
     if path.is_dir():
         if (path / "config.json").exists():
             return _load_hf_dir(path)

@@ -446,9 +446,43 @@ def _read_json(file: Path, what: str) -> dict:
     if not file.exists():
         raise PredictorError(f"{file.parent}: {file.name} is missing")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise PredictorError(f"{file}: not valid JSON ({e.msg}) in the {what}") from e
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PredictorError(f"{file}: not valid JSON ({getattr(e, 'msg', e.__class__.__name__)}) in the {what}") from e
+    if not isinstance(d, dict):
+        raise PredictorError(f"{file}: expected a JSON object (the {what}), found a {type(d).__name__}")
+    return d
+
+
+#: What each calibrator file must hold, for the error message.
+_CALIBRATOR_KEYS = {"platt": '{"kind": "platt", "a": number, "b": number}',
+                    "isotonic": '{"kind": "isotonic", "x": [numbers], "y": [numbers]}'}
+
+
+def _read_calibrator(file: Path, what: str):
+    d = _read_json(file, what)
+    try:
+        cal = calibrator_from_dict(d)
+        if getattr(cal, "x_", None) is not None and (cal.x_.ndim != 1 or cal.x_.shape != cal.y_.shape or not len(cal.x_)):
+            raise ValueError("x and y must be equal-length, non-empty lists")
+        return cal
+    except PredictorError as e:
+        raise PredictorError(f"{file}: {e} (expected one of {'; '.join(_CALIBRATOR_KEYS.values())})") from e
+    except (KeyError, TypeError, ValueError) as e:
+        kind = d.get("kind", "isotonic")
+        expected = _CALIBRATOR_KEYS.get(kind, " or ".join(_CALIBRATOR_KEYS.values()))
+        raise PredictorError(f"{file}: not a {what} (expected {expected}; problem: {e.__class__.__name__} {e})") from e
+
+
+def _read_booster(file: Path) -> TreeEnsemble:
+    if not file.exists():
+        raise PredictorError(f"{file.parent}: booster.json is missing")
+    try:
+        return TreeEnsemble.load(file)
+    except (PredictorError, KeyError, IndexError, TypeError, ValueError, UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise PredictorError(f"{file}: not a usable XGBoost JSON model, as xgboost's Booster.save_model "
+                             f"writes it ({msg})") from e
 
 
 def load_predictor(path: str | Path):
@@ -478,19 +512,17 @@ def load_predictor(path: str | Path):
     rng = meta.get("feature_range", {})
     if method == "isotonic":
         est = IsotonicRiskModel(score=meta.get("score", PAPER_SCORE))
-        est.calibrator_ = calibrator_from_dict(_read_json(path / "isotonic.json", "isotonic map"))
+        est.calibrator_ = _read_calibrator(path / "isotonic.json", "isotonic map")
         fitted = est
     else:
         params = meta.get("params") or {}
         inner = BoostedRiskModel(optimizers=meta.get("optimizers"), xgb_params=params.get("xgb_params"),
                                  random_state=params.get("random_state", 0))
         inner.optimizers_ = list(meta.get("optimizers") or [])
-        if not (path / "booster.json").exists():
-            raise PredictorError(f"{path}: booster.json is missing")
-        inner.booster_ = TreeEnsemble.load(path / "booster.json")
+        inner.booster_ = _read_booster(path / "booster.json")
         if inner.booster_.feature_names is not None and list(inner.booster_.feature_names) != names:
             raise PredictorError(f"{path}: booster.json was trained on another feature schema than metadata.json")
-        cal = calibrator_from_dict(_read_json(path / "calibrator.json", "calibrator"))
+        cal = _read_calibrator(path / "calibrator.json", "calibrator")
         est = CalibratedRiskModel(inner, method=cal.kind, n_splits=params.get("n_splits", 5),
                                   random_state=params.get("random_state", 0))
         est.calibrator_ = cal

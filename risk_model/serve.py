@@ -83,6 +83,27 @@ def default_predictor_path() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "default"
 
 
+_MANIFEST = ('{"format": "divergence-risk-predictor-bundle", "name": ..., "version": ..., '
+             '"config_aware": "<subdirectory>", "config_free": "<subdirectory>"}')
+
+
+def _read_manifest(file: Path) -> dict:
+    """A bundle's manifest.json, checked; ``PredictorError`` naming the file and what was expected."""
+    try:
+        man = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PredictorError(f"{file}: not valid JSON ({getattr(e, 'msg', e.__class__.__name__)}); "
+                             f"expected {_MANIFEST}") from e
+    if not isinstance(man, dict):
+        raise PredictorError(f"{file}: expected a JSON object {_MANIFEST}, found a {type(man).__name__}")
+    subdirs = {k: man.get(k) for k in ("config_aware", "config_free") if man.get(k)}
+    bad = [k for k, v in subdirs.items() if not isinstance(v, str) or not (file.parent / v).is_dir()]
+    if not subdirs or bad:
+        what = f"{bad[0]} = {man.get(bad[0])!r} is not a subdirectory" if bad else "it names no predictor"
+        raise PredictorError(f"{file}: {what}; expected {_MANIFEST}")
+    return man
+
+
 def load_bundle(path: str | Path | None = None) -> PredictorBundle:
     """A bundle directory, a single predictor directory, or the shipped default (``None``)."""
     path = Path(path) if path is not None else default_predictor_path()
@@ -90,10 +111,7 @@ def load_bundle(path: str | Path | None = None) -> PredictorBundle:
         hint = " (train one with `risk train`)" if path == default_predictor_path() else ""
         raise PredictorError(f"{path}: no such predictor{hint}")
     if (path / "manifest.json").exists():
-        try:
-            man = json.loads((path / "manifest.json").read_text())
-        except json.JSONDecodeError as e:
-            raise PredictorError(f"{path / 'manifest.json'}: not valid JSON ({e.msg})") from e
+        man = _read_manifest(path / "manifest.json")
         aware = load_predictor(path / man["config_aware"]) if man.get("config_aware") else None
         free = load_predictor(path / man["config_free"]) if man.get("config_free") else None
         return PredictorBundle(aware, free, str(path), man.get("name", "divergence-risk"), str(man.get("version")))
