@@ -273,5 +273,6 @@ def _profile(model, inputs, *, blocks, n_samples, seed, rank, input_shape, kreis
     return profile_snapshots(
         snaps, rank=rank, seed=seed, kreiss_grid=kreiss_grid,
         progress=(lambda done: progress("spectra", done, L)) if progress else None,
-        meta=dict(blocks=name, n_samples=n_samples, seed=seed, rank=rank),
+        meta=dict(blocks=name, n_samples=n_samples, seed=seed, rank=rank,
+                  width=int(snaps.X[0].shape[0]) if snaps.X else None),
     )

@@ -164,8 +164,8 @@ def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples:
     from featurize import profile
     from risk_model.loading import load_model
 
-    if n_samples < 2:
-        raise UsageError(f"--n-samples must be at least 2, got {n_samples}")
+    _check_at_least(2, n_samples=n_samples)
+    _check_at_least(0, seed=seed, rank=rank)
     shape = _parse_shape(input_shape)
     model = load_model(model_path, trust_pickle=trust_pickle)
     bar = LazyProgress()
@@ -236,6 +236,20 @@ BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default: the tra
 StepsOpt = typer.Option(None, "--steps", help="Training steps (default: the training corpus's median).")
 PredictorOpt = typer.Option(None, "--predictor", help="Predictor directory or registered MLflow model URI (models:/NAME@ALIAS); default: the shipped one in models/.")
 ThresholdOpt = typer.Option(0.2, "--threshold", help="P(divergence) under which a learning rate counts as safe.")
+
+
+def _check_at_least(minimum: float, **options) -> None:
+    """Each ``--option-name=value`` given (not None) must be a finite number ≥ ``minimum``."""
+    import math
+
+    for name, v in options.items():
+        if v is not None and not (math.isfinite(v) and v >= minimum):
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {v:g}")
+
+
+def _check_run_config(warmup, batch_size, steps) -> None:
+    _check_at_least(0, warmup=warmup)
+    _check_at_least(1, batch_size=batch_size, steps=steps)
 
 
 def _check_lrs(lrs: Optional[list[float]]) -> list[float]:
@@ -360,14 +374,22 @@ def _print_assessment(out: dict, prof, console=None) -> None:
 def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batch_size, steps, threshold,
                   blocks, inputs, input_shape):
     """Profile + assess one model; the JSON-ready result (with its wording) and the profile."""
-    from risk_model.features import infer_width
+    from risk_model.features import infer_width, training_domain_problem
     from risk_model.serve import Request, assess
 
     prof = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape)
-    req = Request(lrs=list(lrs), width=infer_width(model_obj), optimizer=optimizer, warmup=warmup,
+    width = infer_width(model_obj) or prof.meta.get("width")  # the residual stream's width as profiled
+    req = Request(lrs=list(lrs), width=width, optimizer=optimizer, warmup=warmup,
                   batch_size=batch_size, steps=steps, threshold=threshold)
     res = assess(prof, bundle=bundle, request=req)
-    return {"model": label, **res.to_dict(), "recommendation": recommendations(res)}, prof
+    out = {"model": label, **res.to_dict(), "recommendation": recommendations(res)}
+    problem = training_domain_problem(model_obj, bundle.metadata.get("families"))
+    if problem:  # no confident advice for a network unlike anything in the training corpus
+        out["warnings"].insert(0, f"outside the training domain: {problem}; P(divergence) and max_safe_lr are "
+                                  "extrapolations, not measurements")
+        out["recommendation"] = ["no advice: the network is outside the predictor's training domain; measure "
+                                 "its stability directly (a short run at each candidate learning rate)"]
+    return out, prof
 
 
 @app.command("predict")
@@ -392,6 +414,7 @@ def predict_cmd(
     from risk_model.loading import load_model
 
     lrs = _check_lrs(lr)
+    _check_run_config(warmup, batch_size, steps)
     _check_output_path(plot, ".png")
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
@@ -434,6 +457,9 @@ def score_cmd(
     from risk_model import tracking
 
     lrs = _check_lrs(lr)
+    _check_run_config(warmup, batch_size, steps)
+    if not 0 < threshold < 1:
+        raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
     if (model_uri is None) == (all_versions is None):
         raise UsageError("give exactly one of MODEL_URI or --all NAME")
     tracking.connect(must_exist=True)
@@ -511,6 +537,7 @@ def train_cmd(
     from risk_model.train import train_bundle
 
     _check_cv_options(calibration, n_splits)
+    _check_at_least(0, seed=seed)
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
     xgb_params = {"num_boost_round": rounds}
@@ -561,6 +588,7 @@ def evaluate_cmd(
     from risk_model.evaluate import evaluate_corpus, flat_metrics
 
     _check_cv_options(calibration, n_splits)
+    _check_at_least(0, seed=seed)
     if n_boot < 1:
         raise UsageError(f"--n-boot must be at least 1, got {n_boot}")
     c = _load_corpus_verbose(corpus)

@@ -135,3 +135,32 @@ def infer_width(model) -> int | None:
                 return v
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     return int(emb.embedding_dim) if emb is not None else None
+
+
+#: Families of the sweep zoo whose blocks hold no attention (a predictor trained on one of them
+#: covers attention-free networks).
+ATTENTION_FREE_FAMILIES = frozenset({"mamba"})
+
+
+def training_domain_problem(model, families=()) -> str | None:
+    """Why ``model`` lies outside what the predictor was trained on (token-embedding language models,
+    transformers unless an attention-free family such as mamba was in the corpus), or None.
+
+    Parameters
+    ----------
+    model : nn.Module
+    families : iterable of str
+        The training corpus's model families (predictor metadata ``families``).
+    """
+    from torch import nn
+
+    families = sorted(families or ())
+    what = f"the {', '.join(families)} language models" if families else "transformer language models"
+    name = type(model).__name__
+    if not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        return f"{name} has no token embedding: it is not one of {what} the predictor was trained on"
+    has_attention = any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+                        for m in model.modules())
+    if not has_attention and not (set(families) & ATTENTION_FREE_FAMILIES):
+        return f"{name} has no attention layers: it is not one of {what} the predictor was trained on"
+    return None

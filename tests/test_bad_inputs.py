@@ -109,3 +109,67 @@ def test_predict_help_names_the_example_and_sweep_help_lists_spec_keys():
     words = set(text.replace(",", " ").replace(";", " ").replace("(", " ").split())
     for key in sorted(_TOP_KEYS) + sorted(RUN_FIELDS):
         assert key in words or f"[{key}]" in words, key
+
+
+# ------------------------------------------------------------------ 2. numeric options, training domain
+@pytest.mark.parametrize("args, option", [
+    (["predict", "example", "--lr", "1e-3", "--warmup", "-5"], "--warmup"),
+    (["predict", "example", "--lr", "1e-3", "--steps", "0"], "--steps"),
+    (["predict", "example", "--lr", "1e-3", "--batch-size", "0"], "--batch-size"),
+    (["predict", "example", "--lr", "1e-3", "--threshold", "1.5"], "--threshold"),
+    (["profile", "example", "--seed", "-1"], "--seed"),
+    (["profile", "example", "--rank", "-3"], "--rank"),
+    (["profile", "example", "--n-samples", "1"], "--n-samples"),
+    (["score", "models:/x/1", "--lr", "1e-3", "--steps", "-2"], "--steps"),
+    (["score", "models:/x/1", "--threshold", "0"], "--threshold"),
+    (["train", "--corpus", "nowhere", "--seed", "-1", "--no-track"], "--seed"),
+    (["evaluate", "--corpus", "nowhere", "--seed", "-1", "--no-track"], "--seed"),
+    (["evaluate", "--corpus", "nowhere", "--n-boot", "0", "--no-track"], "--n-boot"),
+])
+def test_out_of_range_numbers_are_refused_at_the_boundary(args, option):
+    assert_one_line_error(invoke(*args), option)
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class ResidualMLP(nn.Module):
+    """Not a transformer and not a language model: no embedding, no attention."""
+
+    def __init__(self, d=32, n=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualMLPBlock(d) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_network_outside_the_training_domain_gets_a_warning_and_no_advice(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "mlp.pt"
+    torch.save(ResidualMLP(), path)
+    args = ["predict", path, "--lr", "0.5", "--lr", "1e-3", "--trust-pickle", "--input-shape", "8,32"]
+    res = invoke(*args, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert any("outside the training domain" in w for w in out["warnings"]), out["warnings"]
+    assert not any("assumed d_model" in w for w in out["warnings"]), out["warnings"]  # width 32 is known
+    assert not any("lower the learning rate" in r for r in out["recommendation"]), out["recommendation"]
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stdout.split())
+    assert "outside the training domain" in text and "lower the learning rate" not in text
+
+
+def test_zoo_transformer_is_inside_the_training_domain():
+    res = invoke("predict", "example", "--lr", "1e-3", "--json")
+    assert res.exit_code == 0, res.output
+    assert not any("training domain" in w for w in json.loads(res.stdout)["warnings"])
