@@ -1,7 +1,7 @@
 """XGBoost's JSON model format evaluated in numpy: serving needs no xgboost import.
 
 Reads what ``xgboost.Booster.save_model("booster.json")`` writes (a ``gbtree`` of numerical splits,
-objective ``binary:logistic``) and predicts as XGBoost's CPU predictor does: features as float32, go
+objective ``binary:logistic``, or ``survival:aft`` whose margin is ln of the predicted time) and predicts as XGBoost's CPU predictor does: features as float32, go
 left when ``x < split_condition``, missing values follow ``default_left``, leaf values summed in
 float32 onto the base margin, then the logistic link. ``tests/test_booster.py`` checks agreement with
 ``xgboost.Booster.predict`` to 1e-6.
@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import PredictorError
 
-OBJECTIVES = ("binary:logistic",)
+OBJECTIVES = ("binary:logistic", "survival:aft")
 
 
 def _parse_float(text) -> float:
@@ -65,7 +65,11 @@ class TreeEnsemble:
         self.feature_names = learner.get("feature_names") or None
         self.n_features = int(params["num_feature"])
         base_score = _parse_float(params["base_score"])
-        self.base_margin = np.float32(np.log(base_score / (1.0 - base_score)))  # logit: binary:logistic
+        self.objective = objective
+        if objective == "survival:aft":  # margins are ln(time): the base score is a time
+            self.base_margin = np.float32(np.log(base_score))
+        else:                            # logit: binary:logistic
+            self.base_margin = np.float32(np.log(base_score / (1.0 - base_score)))
         self.n_trees = len(trees)
         width = max((len(t["left_children"]) for t in trees), default=1)
         shape = (self.n_trees, width)
@@ -121,6 +125,8 @@ class TreeEnsemble:
 
     def predict(self, X) -> np.ndarray:
         """P(y = 1) of shape (n_samples,), as ``xgboost.Booster.predict`` gives for binary:logistic."""
+        if self.objective != "binary:logistic":
+            raise PredictorError(f"predict() is for binary:logistic; use predict_margin() for {self.objective}")
         m = self.predict_margin(X)
         return (np.float32(1.0) / (np.float32(1.0) + np.exp(-m))).astype(float)
 

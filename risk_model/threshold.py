@@ -155,7 +155,9 @@ class CriticalLRModel:
                 "seed": self.random_state, "nthread": 1}
 
     def _matrix(self, X) -> np.ndarray:
-        cols = [X[c].to_numpy(dtype=float) if c in X else np.full(len(X), np.nan)
+        """Features in model order from a DataFrame or a mapping column -> array."""
+        n = len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
+        cols = [np.asarray(X[c], dtype=float).reshape(-1) if c in X else np.full(n, np.nan)
                 for c in self.feature_names_]
         M = np.column_stack(cols) if cols else np.zeros((len(X), 0))
         return np.where(np.isfinite(M), np.clip(M, -1e30, 1e30), np.nan)
@@ -214,13 +216,15 @@ class CriticalLRModel:
 
     # ------------------------------------------------------------------ prediction
     def log_critical_lr(self, X) -> np.ndarray:
-        """f(x) + b: the median of ln lr* per network."""
+        """f(x) + b: the median of ln lr* per network. A loaded model evaluates its trees in numpy
+        (``booster.TreeEnsemble``; no xgboost import), a freshly fitted one with xgboost."""
         M = self._matrix(X)
         if getattr(self, "booster_", None) is None:
-            import xgboost as xgb
+            from .booster import TreeEnsemble
 
-            self.booster_ = xgb.Booster()
-            self.booster_.load_model(bytearray(self.booster_json_.encode()))
+            if getattr(self, "_trees", None) is None:
+                self._trees = TreeEnsemble.from_json(self.booster_json_)
+            return self._trees.predict_margin(M).astype(float) + self.shift_
         return self._margin(self.booster_, M, self.feature_names_) + self.shift_
 
     def proba_at(self, X, lr) -> np.ndarray:
@@ -255,4 +259,41 @@ class CriticalLRModel:
         m.shift_, m.scale_ = float(d["shift"]), float(d["scale"])
         m.booster_ = None
         m.booster_json_ = json.dumps(d["booster"])
+        m._trees = None
+        return m
+
+    def save(self, path) -> "Path":
+        """Write ``critical_lr.json`` (plus ``metadata.json`` from ``metadata_``) into directory ``path``."""
+        from pathlib import Path
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "critical_lr.json").write_text(json.dumps(self.to_dict()))
+        (path / "metadata.json").write_text(json.dumps(getattr(self, "metadata_", {}), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "CriticalLRModel":
+        """Read a directory written by ``save``; ``PredictorError`` names a missing or corrupt file."""
+        from pathlib import Path
+
+        from .errors import PredictorError
+
+        path = Path(path)
+        for name in ("critical_lr.json", "metadata.json"):
+            f = path / name
+            try:
+                d = json.loads(f.read_text())
+            except FileNotFoundError:
+                raise PredictorError(f"{f}: missing (a critical-LR predictor directory holds "
+                                     "critical_lr.json and metadata.json)") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise PredictorError(f"{f}: not valid JSON ({e})") from None
+            if name == "critical_lr.json":
+                try:
+                    m = cls.from_dict(d)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise PredictorError(f"{f}: not a critical-LR model ({e})") from None
+            else:
+                m.metadata_ = d
         return m

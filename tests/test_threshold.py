@@ -147,3 +147,22 @@ def test_ece_by_hand():
     p = np.array([0.05, 0.95, 0.55, 0.45])
     # bins: [0,.1): y 0 p .05 → .05; [.9,1]: 1 vs .95 → .05; [.5,.6): 1 vs .55 → .45; [.4,.5): 0 vs .45
     assert ece(y, p) == pytest.approx((0.05 + 0.05 + 0.45 + 0.45) / 4)
+
+
+def test_saved_model_is_served_in_numpy_and_agrees_with_xgboost(tmp_path):
+    import sys
+
+    X, lo, hi, runs, _ = synthetic(120, 4)
+    X.loc[::7, "n_layers"] = np.nan                                   # missing values take defaults
+    m = fit(X, lo, hi, runs)
+    m.metadata_ = {"name": "t"}
+    m.save(tmp_path / "c")
+    back = CriticalLRModel.load(tmp_path / "c")
+    ref = m.log_critical_lr(X)                                        # xgboost's own predictor
+    np.testing.assert_allclose(back.log_critical_lr(X), ref, rtol=1e-6, atol=1e-6)
+    assert back.metadata_ == {"name": "t"}
+    (tmp_path / "c" / "critical_lr.json").write_text("{not json")
+    from risk_model.errors import PredictorError
+
+    with pytest.raises(PredictorError, match="critical_lr.json"):
+        CriticalLRModel.load(tmp_path / "c")
