@@ -359,3 +359,14 @@ def test_workers_die_with_a_killed_sweep(tmp_path):
                 os.kill(p, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_max_cost_caps_width_depth_and_batch_together():
+    spec = {**BASE, "n_models": 40, "max_cost": 64 * 64 * 2 * 8,
+            "model": {**BASE["model"], "d_model": [32, 64], "n_layers": [2, 3]},
+            "train": {**BASE["train"], "batch_size": [8, 16]}}
+    for u in parse_ladder_spec(spec).units():
+        c = u["config"]
+        assert c["d_model"] ** 2 * c["n_layers"] * c["batch_size"] <= 64 * 64 * 2 * 8
+    with pytest.raises(SweepSpecError, match="max_cost"):
+        parse_ladder_spec({**spec, "max_cost": 10})

@@ -13,6 +13,8 @@ A ladder spec file (TOML)::
     n_models = 480
     seed = 2026
     max_width_depth = 131072     # d_model² × n_layers cap (CPU budget); draws above are redrawn
+    max_cost = 1048576           # d_model² × n_layers × batch_size cap; the model and its recipe
+                                 #   are redrawn together when above
 
     [model]                      # per key: a list (uniform choice; repeat to weight),
     family = ["gpt", "mamba"]    #   a scalar, or {log_uniform = [lo, hi]}
@@ -55,7 +57,7 @@ MODEL_KEYS = ("family", "norm", "d_model", "n_layers", "n_heads", "mlp_ratio", "
               "init_std", "embed_std", "out_std", "residual_scale", "n_experts", "top_k", "kan_grid",
               "seq_len", "vocab_size", "seed")
 _EXTRA = {"head_dim", "warmup_fraction"}
-_TOP_KEYS = {"name", "kind", "n_models", "seed", "max_width_depth", "model", "train", "ladder"}
+_TOP_KEYS = {"name", "kind", "n_models", "seed", "max_width_depth", "max_cost", "model", "train", "ladder"}
 
 
 def model_id(cfg: RunConfig) -> str:
@@ -107,6 +109,7 @@ class LadderSpec:
     n_models: int = 1
     seed: int = 0
     max_width_depth: int = 0
+    max_cost: int = 0
     name: str = "sweep"
     source: str = field(default="", repr=False)
 
@@ -124,8 +127,15 @@ class LadderSpec:
         rng = np.random.default_rng(self.seed)
         out: dict[str, dict] = {}
         for _ in range(self.n_models):
-            d = self._draw_model(rng)
-            t = {k: _draw(rng, dist) for k, dist in self.train.items()}
+            for _ in range(1000):
+                d = self._draw_model(rng)
+                t = {k: _draw(rng, dist) for k, dist in self.train.items()}
+                cost = (d.get("d_model", RunConfig.d_model) ** 2 * d.get("n_layers", RunConfig.n_layers)
+                        * t.get("batch_size", RunConfig.batch_size))
+                if not self.max_cost or cost <= self.max_cost:
+                    break
+            else:
+                raise SweepSpecError("max_cost: no draw of d_model, n_layers and batch_size fits under it")
             seed = int(rng.integers(0, 2**31 - 1))
             fam = d.get("family", RunConfig.family)
             allowed = FAMILY_NORMS[fam]
@@ -205,8 +215,11 @@ def parse_ladder_spec(data: dict, source: str = "") -> LadderSpec:
     mwd = data.get("max_width_depth", 0)
     if not isinstance(mwd, int) or mwd < 0:
         raise SweepSpecError(f"max_width_depth must be a non-negative integer, got {mwd!r}")
+    mc = data.get("max_cost", 0)
+    if not isinstance(mc, int) or mc < 0:
+        raise SweepSpecError(f"max_cost must be a non-negative integer, got {mc!r}")
     spec = LadderSpec(model=sections["model"], train=sections["train"], rungs=rungs, start=start,
-                      min_runs=min_runs, n_models=n_models, seed=seed, max_width_depth=mwd,
+                      min_runs=min_runs, n_models=n_models, seed=seed, max_width_depth=mwd, max_cost=mc,
                       name=str(data.get("name", "sweep")), source=source)
     spec.units()  # validates every draw before any run starts
     return spec
