@@ -1,0 +1,352 @@
+"""Divergence risk inside a training loop: a pre-flight check before the first step and a cheap
+spectral watch during training.
+
+``RiskMonitor.check()`` profiles the network with the settings the predictor's training corpus was
+profiled with and returns what ``risk predict`` returns (``serve.Assessment``: P(divergence) per
+learning rate, ``max_safe_lr``, warnings). ``RiskMonitor.step(global_step)`` re-profiles every
+``every`` steps with a cheap profile (rank-32 DMD, ``n_samples`` token states, 256 by default) and
+records one row of ``HISTORY_COLUMNS``: M≈1 mean, ρ max, Kreiss max, the residual update ratio and
+P(divergence) at the current learning rate. Failures during training are logged (logger
+``risk_model.monitor``) and recorded, never raised.
+
+The P(divergence) of a step is the predictor applied to the weights of that step, profiled with a
+smaller N than the corpus was: a trend to watch, not a calibrated probability.
+
+Framework callbacks over this API: ``risk_model.callbacks``.
+
+Examples
+--------
+>>> mon = RiskMonitor(model, lr=3e-4, optimizer="adamw", warmup=100, every=50)   # doctest: +SKIP
+>>> res = mon.check()                                                           # doctest: +SKIP
+>>> res.max_safe_lr, [p.p_divergence for p in res.predictions]                  # doctest: +SKIP
+>>> for step, batch in enumerate(loader, 1):                                    # doctest: +SKIP
+...     loss = model(batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+...     mon.step(step, lr=opt.param_groups[0]["lr"])
+>>> mon.history                                                                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+from .errors import RiskError
+
+logger = logging.getLogger(__name__)
+
+#: Fixed column schema of ``RiskMonitor.history`` (one row per monitored step).
+HISTORY_COLUMNS: list[str] = [
+    "step",               # global (optimizer) step after which the weights were profiled
+    "lr",                 # learning rate at that step (NaN: unknown)
+    "p_divergence",       # P(divergence) at that LR with these weights (NaN: not computed)
+    "max_safe_lr",        # largest LR below the threshold for these weights (NaN: none / not computed)
+    "m_near_mean",        # layer-mean near-unit spectral mass M≈1
+    "rho_max",            # largest spectral radius over layers
+    "kreiss_max",         # largest Kreiss constant over layers
+    "update_ratio_mean",  # layer-mean RMS(block update) / RMS(stream)
+    "n_layers",
+    "seconds",            # wall time of this check (profile + prediction)
+    "error",              # "" when the check succeeded, else the exception, one line
+]
+_AGG_COLUMNS = ("m_near_mean", "rho_max", "kreiss_max", "update_ratio_mean")
+
+#: torch optimizer class names -> the predictor's optimizer names
+_OPTIMIZER_CLASSES = {"adamw": "adamw", "adam": "adamw", "sgd": "sgd", "lion": "lion"}
+
+
+class DivergenceRiskError(RiskError):
+    """Raised to stop training before its first optimizer step when P(divergence) ≥ the threshold.
+
+    Attributes
+    ----------
+    assessment : serve.Assessment of the pre-flight check
+    """
+
+    def __init__(self, message: str, assessment=None):
+        super().__init__(message)
+        self.assessment = assessment
+
+
+def optimizer_name(optimizer) -> str | None:
+    """The predictor's name for an optimizer: a name ("adamw", "AdamW", HF's "adamw_torch_fused",
+    "sgd", "lion_32bit") or a ``torch.optim.Optimizer`` instance; None when it is none of those."""
+    if optimizer is None:
+        return None
+    name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
+    name = name.lower()
+    for key in ("adamw", "lion", "sgd", "adam"):  # adamw before adam
+        if name.startswith(key) or f"_{key}" in name or f"{key}_" in name:
+            return _OPTIMIZER_CLASSES[key]
+    return None
+
+
+def profile_for(model, bundle, *, blocks=None, inputs=None, input_shape=None, progress=None):
+    """Profile ``model`` with the settings the predictor's training corpus was profiled with (as
+    ``risk predict`` does). Probe token ids are put on the model's device."""
+    from featurize import make_probe, profile
+
+    settings = bundle.metadata.get("profile_settings") or {}
+    n_samples, seed = int(settings.get("n_samples", 2048)), int(settings.get("seed", 0))
+    if inputs is None:
+        inputs = _probe_on_device(model, make_probe, n_samples, seed, input_shape, blocks)
+    return profile(model, inputs, blocks=blocks, n_samples=n_samples, seed=seed,
+                   rank=settings.get("rank", 32) or None, input_shape=input_shape,
+                   kreiss_grid=settings.get("kreiss_grid") or None, progress=progress)
+
+
+def _probe_on_device(model, make_probe, n_samples, seed, input_shape, blocks):
+    from featurize import find_blocks
+
+    find_blocks(model, blocks)  # a model without blocks fails here, with the featurizer's message
+    probe = make_probe(model, n_samples, seed=seed, input_shape=input_shape)
+    param = next(model.parameters(), None)
+    return probe if param is None else probe.to(param.device)
+
+
+def make_request(**kwargs):
+    """A ``serve.Request`` from the keyword arguments it has fields for (others are dropped, so
+    callers may pass what newer predictors read, e.g. ``grad_clip``, ``weight_decay``)."""
+    from .serve import Request
+
+    names = {f.name for f in dataclasses.fields(Request)}
+    return Request(**{k: v for k, v in kwargs.items() if k in names and v is not None})
+
+
+class RiskMonitor:
+    """Pre-flight divergence risk and a spectral watch of a network during training.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network being trained (profiled in place; its train/eval mode, gradients and the
+        caller's RNG are left as they were).
+    lr : float, optional
+        Peak training learning rate. Without it the config-free predictor is used and the result
+        says so.
+    optimizer : str or torch.optim.Optimizer, default "adamw"
+        Optimizer name ("adamw", "sgd", "lion"; HF names such as "adamw_torch" are understood) or
+        the optimizer itself. An unknown one is assumed to be AdamW, and ``assumptions_`` says so.
+    warmup, batch_size, steps : float, optional
+        Warmup steps, batch size and total steps; the training corpus's medians when omitted.
+    grad_clip, weight_decay : float, optional
+        Passed on to predictors that read them.
+    threshold : float, default 0.5
+        P(divergence) at or above which the run counts as risky; also the threshold of ``max_safe_lr``.
+    every : int, default 50
+        ``step()`` profiles when ``global_step % every == 0``.
+    n_samples : int, default 256
+        Token states per layer of ``step()``'s cheap profile (``check()`` uses the predictor's).
+    rank : int, default 32
+        Randomized-DMD rank of ``step()``'s profile.
+    predictor : str, Path or serve.PredictorBundle, optional
+        Predictor bundle; the shipped default when omitted.
+    blocks : str, optional
+        Dotted name of the residual-block container; discovered when omitted.
+    input_shape : tuple of int, optional
+        Per-example input shape for networks without an embedding.
+    seed : int, default 0
+        Seed of the probe inputs and the randomized DMD.
+
+    Attributes
+    ----------
+    assessment_ : serve.Assessment of the last ``check()``
+    assumptions_ : list of str, what was assumed for information that was missing
+    history : pandas.DataFrame with columns ``HISTORY_COLUMNS``
+    """
+
+    def __init__(self, model, *, lr=None, optimizer="adamw", warmup=None, batch_size=None, steps=None,
+                 grad_clip=None, weight_decay=None, threshold=0.5, every=50, n_samples=256, rank=32,
+                 predictor=None, blocks=None, input_shape=None, seed=0):
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if int(every) != every or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        if n_samples < 2:
+            raise ValueError(f"n_samples must be at least 2, got {n_samples!r}")
+        self.model = model
+        self.lr = lr
+        self.optimizer = optimizer
+        self.warmup = warmup
+        self.batch_size = batch_size
+        self.steps = steps
+        self.grad_clip = grad_clip
+        self.weight_decay = weight_decay
+        self.threshold = threshold
+        self.every = int(every)
+        self.n_samples = n_samples
+        self.rank = rank
+        self.predictor = predictor
+        self.blocks = blocks
+        self.input_shape = input_shape
+        self.seed = seed
+        self.assumptions_: list[str] = []
+        self._rows: list[dict] = []
+        self._bundle = None
+        self._seen_errors: set[str] = set()
+        self._probe = None
+        name = optimizer_name(optimizer)
+        if name is None:
+            self.assumptions_.append(f"optimizer {optimizer!r} not known to the predictor; assumed adamw")
+            name = "adamw"
+        self._optimizer_name = name
+        if lr is None:
+            self.assumptions_.append("no learning rate given: P(divergence) is the config-free estimate")
+
+    # ------------------------------------------------------------------ pre-flight
+    def bundle(self):
+        """The predictor bundle (loaded once)."""
+        if self._bundle is None:
+            from .serve import PredictorBundle, load_bundle
+
+            p = self.predictor
+            self._bundle = p if isinstance(p, PredictorBundle) else load_bundle(p)
+        return self._bundle
+
+    def _request(self, lr):
+        from .features import infer_width
+
+        return make_request(lrs=[] if lr is None else [float(lr)], width=infer_width(self.model),
+                            optimizer=self._optimizer_name, warmup=self.warmup, batch_size=self.batch_size,
+                            steps=self.steps, grad_clip=self.grad_clip, weight_decay=self.weight_decay,
+                            threshold=self.threshold)
+
+    def check(self):
+        """Profile the network at its current weights and assess it as ``risk predict`` does.
+
+        Returns
+        -------
+        serve.Assessment
+            ``predictions`` (one per LR: ``lr``, ``p_divergence``, ``risk``), ``max_safe_lr``,
+            ``warnings``; also stored as ``assessment_``.
+
+        Raises
+        ------
+        featurize.CaptureError : no residual blocks could be found or the forward pass failed
+        risk_model.errors.PredictorError : the predictor cannot serve this request
+        """
+        from .serve import assess
+
+        bundle = self.bundle()
+        with self._rng_kept():
+            prof = profile_for(self.model, bundle, blocks=self.blocks, input_shape=self.input_shape)
+        self.assessment_ = assess(prof, bundle=bundle, request=self._request(self.lr))
+        return self.assessment_
+
+    def is_risky(self, assessment=None) -> bool:
+        """Whether P(divergence) ≥ ``threshold`` at some requested LR (default: the last check)."""
+        res = assessment if assessment is not None else self.assessment_
+        return max(p.p_divergence for p in res.predictions) >= self.threshold
+
+    def explain(self, assessment=None) -> str:
+        """One-paragraph verdict of a check: P at the LR, what LR would be safe, the warnings."""
+        res = assessment if assessment is not None else self.assessment_
+        ps = ", ".join(("config-free" if p.lr is None else f"lr {p.lr:.3g}") + f": P(divergence) {p.p_divergence:.3f}"
+                       for p in res.predictions)
+        verdict = "at or above" if self.is_risky(res) else "below"
+        text = f"{ps} ({verdict} the threshold {self.threshold:g})"
+        if res.max_safe_lr is not None:
+            text += f"; largest safe learning rate {res.max_safe_lr:.3g}"
+        elif self.lr is not None:
+            text += "; no learning rate in the predictor's range is safe for this network: change its architecture or init"
+        notes = list(res.warnings) + self.assumptions_
+        return text + "".join(f"\n  warning: {w}" for w in notes)
+
+    # ------------------------------------------------------------------ during training
+    def step(self, global_step: int, lr: float | None = None) -> dict | None:
+        """Profile cheaply and record a history row when ``global_step % every == 0``.
+
+        Parameters
+        ----------
+        global_step : int
+            Optimizer steps done so far.
+        lr : float, optional
+            Current learning rate; default: read from ``optimizer`` when it is an optimizer
+            instance, else ``lr``.
+
+        Returns
+        -------
+        dict (the recorded row, keys ``HISTORY_COLUMNS``) or None when this step is not monitored.
+        Never raises for a failed profile: the row carries the error and it is logged.
+        """
+        if global_step % self.every:
+            return None
+        from .serve import assess
+
+        lr = self._current_lr() if lr is None else lr
+        row = dict.fromkeys(HISTORY_COLUMNS, math.nan)
+        row.update(step=int(global_step), lr=math.nan if lr is None else float(lr), error="")
+        t0 = time.perf_counter()
+        try:
+            prof = self._cheap_profile()
+            aggs = prof.aggregates
+            row.update({c: float(aggs.get(c, math.nan)) for c in _AGG_COLUMNS}, n_layers=aggs.get("n_layers"))
+            if lr is None or lr > 0:  # a zero LR (start of warmup) cannot diverge: nothing to predict
+                res = assess(prof, bundle=self.bundle(), request=self._request(lr if lr is not None else self.lr))
+                row["p_divergence"] = res.predictions[0].p_divergence
+                row["max_safe_lr"] = math.nan if res.max_safe_lr is None else res.max_safe_lr
+        except Exception as e:  # noqa: BLE001 - a failed check must never stop the user's training run
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["error"] = msg
+            level = logging.DEBUG if msg in self._seen_errors else logging.WARNING
+            self._seen_errors.add(msg)
+            logger.log(level, "divergence-risk check at step %d failed (training goes on): %s", global_step, msg)
+        row["seconds"] = time.perf_counter() - t0
+        self._rows.append(row)
+        return row
+
+    def _current_lr(self):
+        groups = getattr(self.optimizer, "param_groups", None)
+        if groups:
+            return float(groups[0]["lr"])
+        return self.lr
+
+    def _cheap_profile(self):
+        from featurize import make_probe, profile
+
+        if self._probe is None:
+            self._probe = _probe_on_device(self.model, make_probe, self.n_samples, self.seed, self.input_shape,
+                                           self.blocks)
+        kreiss_grid = (self.bundle().metadata.get("profile_settings") or {}).get("kreiss_grid") or None
+        with self._rng_kept():
+            return profile(self.model, self._probe, blocks=self.blocks, n_samples=self.n_samples, seed=self.seed,
+                           rank=self.rank or None, kreiss_grid=kreiss_grid)
+
+    def _rng_kept(self):
+        """Fork the CPU RNG and that of the model's CUDA device, if any (featurize forks the CPU one)."""
+        import torch
+
+        param = next(self.model.parameters(), None)
+        devices = [param.device] if param is not None and param.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    @property
+    def history(self):
+        """One row per monitored step, columns ``HISTORY_COLUMNS``."""
+        import pandas as pd
+
+        df = pd.DataFrame(self._rows, columns=HISTORY_COLUMNS)
+        df = df.astype({c: float for c in HISTORY_COLUMNS if c not in ("step", "n_layers", "error")})
+        return df.astype({"step": "int64", "n_layers": "Int64", "error": str})
+
+    def metrics(self, row: dict, prefix: str = "risk/") -> dict[str, float]:
+        """The finite numbers of a history row as ``{prefix + column: value}``, for loggers."""
+        keys = ("p_divergence", "max_safe_lr", *_AGG_COLUMNS)
+        return {prefix + k: float(row[k]) for k in keys
+                if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+
+    def preflight_metrics(self, assessment=None, prefix: str = "risk/preflight_") -> dict[str, float]:
+        """The check's numbers for loggers: P(divergence) at the training LR (the worst requested
+        one), max_safe_lr when there is one, and the profile's M≈1 mean, ρ max, Kreiss max."""
+        res = assessment if assessment is not None else self.assessment_
+        out = {prefix + "p_divergence": float(max(p.p_divergence for p in res.predictions))}
+        if res.max_safe_lr is not None:
+            out[prefix + "max_safe_lr"] = float(res.max_safe_lr)
+        aggs = (res.profile or {}).get("aggregates", {}) if isinstance(res.profile, dict) else {}
+        for c in _AGG_COLUMNS:
+            v = aggs.get(c)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out[prefix + c] = float(v)
+        return out

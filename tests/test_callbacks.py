@@ -1,0 +1,245 @@
+"""Risk callbacks with the real libraries: a tiny random-init GPT-2 trained by a real
+``transformers.Trainer`` (CPU, no downloads), a tiny Lightning module by a real Lightning
+``Trainer``, and a real MLflow run in a temporary sqlite store."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from risk_model.monitor import HISTORY_COLUMNS, DivergenceRiskError  # noqa: E402
+
+MAX_STEPS, EVERY = 4, 2
+SAFE_LR, RISKY_LR = 1e-3, 10.0  # P(divergence) of the tiny GPT-2: ≈ 0.01 at 1e-3, ≥ 0.3 at 10
+THRESHOLD = 0.2
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n=64, T=16, vocab=64):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randint(0, vocab, (n, T), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+@pytest.fixture(autouse=True)
+def _no_shadowed_datasets(monkeypatch):
+    """This repository's ``datasets/`` folder (the corpora) is a namespace package ``datasets``
+    when the tests run from its root (``python -m pytest`` puts the cwd on sys.path); transformers
+    then takes it for Hugging Face ``datasets`` and fails on ``datasets.Dataset``."""
+    import transformers.trainer as hf_trainer_module
+
+    shadow = getattr(hf_trainer_module, "datasets", None)
+    if shadow is not None and getattr(shadow, "__file__", None) is None:
+        monkeypatch.setattr(hf_trainer_module, "is_datasets_available", lambda: False)
+
+
+def hf_trainer(tmp_path, model, lr, report_to="none", **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=MAX_STEPS, learning_rate=lr, per_device_train_batch_size=4,
+        warmup_steps=1, lr_scheduler_type="constant_with_warmup", logging_steps=1, save_strategy="no", report_to=report_to, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0, **kw)
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenData())
+
+
+def risk_rows(log_history, key="risk/p_divergence"):
+    return [h for h in log_history if key in h]
+
+
+def test_importing_risk_model_needs_no_integration():
+    code = ("import sys, risk_model, risk_model.monitor, risk_model.callbacks; "
+            "bad = [m for m in ('transformers', 'lightning', 'mlflow', 'wandb') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_arguments_fail_at_construction():
+    from risk_model.callbacks import RiskCallback
+
+    with pytest.raises(ValueError, match="action"):
+        RiskCallback(action="halt")
+    with pytest.raises(ValueError, match="every"):
+        RiskCallback(every=0)
+
+
+def test_hf_warn_trains_and_logs_history(tmp_path, caplog):
+    from risk_model.callbacks import RiskCallback
+
+    trainer = hf_trainer(tmp_path, tiny_gpt2(), RISKY_LR)
+    cb = RiskCallback(action="warn", threshold=THRESHOLD, every=EVERY, n_samples=64).attach(trainer)
+    with caplog.at_level(logging.WARNING, logger="risk_model.callbacks"):
+        trainer.train()
+    assert trainer.state.global_step == MAX_STEPS  # warn never stops
+    assert any("HIGH RISK" in r.getMessage() for r in caplog.records)
+    # pre-flight through trainer.log at step 0, then one row per EVERY steps
+    pre = risk_rows(trainer.state.log_history, "risk/preflight_p_divergence")
+    assert [h["step"] for h in pre] == [0]
+    assert pre[0]["risk/preflight_p_divergence"] == pytest.approx(cb.assessment_.predictions[0].p_divergence)
+    assert [h["step"] for h in risk_rows(trainer.state.log_history)] == [2, 4]
+    hist = cb.history
+    assert list(hist.columns) == HISTORY_COLUMNS
+    assert hist["step"].tolist() == [2, 4] and (hist["error"] == "").all()
+    assert hist["p_divergence"].between(0, 1).all() and (hist["lr"] > 0).all()
+
+
+def test_hf_stop_raises_before_the_first_optimizer_step(tmp_path):
+    from risk_model.callbacks import RiskCallback
+
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = hf_trainer(tmp_path, model, RISKY_LR)
+    RiskCallback(action="stop", threshold=THRESHOLD, every=EVERY, n_samples=64).attach(trainer)
+    with pytest.raises(DivergenceRiskError, match="before the first optimizer step") as info:
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert len(trainer.optimizer.state) == 0  # AdamW keeps per-parameter state from its first step on
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert info.value.assessment.predictions[0].p_divergence >= THRESHOLD
+    assert "lr 10" in str(info.value)
+
+
+def test_hf_stop_lets_a_safe_run_train(tmp_path):
+    from risk_model.callbacks import RiskCallback
+
+    trainer = hf_trainer(tmp_path, tiny_gpt2(), SAFE_LR)
+    cb = RiskCallback(action="stop", threshold=THRESHOLD, every=EVERY, n_samples=64)
+    trainer.add_callback(cb)  # not attached: checks and records, metrics not in log_history
+    trainer.train()
+    assert trainer.state.global_step == MAX_STEPS
+    assert cb.history["step"].tolist() == [2, 4]
+    assert not risk_rows(trainer.state.log_history)
+
+
+def test_hf_model_without_blocks_trains_on(tmp_path, caplog):
+    from risk_model.callbacks import RiskCallback
+
+    class Flat(nn.Module):  # no residual-block container to discover
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(64, 8)
+            self.out = nn.Linear(8, 64)
+
+        def forward(self, input_ids, labels=None):
+            logits = self.out(self.emb(input_ids))
+            return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+    trainer = hf_trainer(tmp_path, Flat(), SAFE_LR)
+    cb = RiskCallback(action="stop", every=1, n_samples=64).attach(trainer)
+    with caplog.at_level(logging.WARNING, logger="risk_model"):
+        trainer.train()
+    assert trainer.state.global_step == MAX_STEPS
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("risk_model")]
+    assert len(said) == 1 and "cannot check this model" in said[0]
+    assert cb.monitor is None and cb.history.empty
+
+
+@pytest.mark.slow
+def test_hf_metrics_reach_an_mlflow_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from risk_model.callbacks import RiskCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # the store's default artifact root is ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "risk-callback-test")
+    trainer = hf_trainer(tmp_path, tiny_gpt2(), SAFE_LR, report_to=["mlflow"])
+    cb = RiskCallback(action="warn", threshold=THRESHOLD, every=EVERY, n_samples=64).attach(trainer)
+    trainer.train()  # on_train_end ends the run, which flushes MLflow's asynchronous logging
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("risk-callback-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    pre = client.get_metric_history(run.info.run_id, "risk/preflight_p_divergence")
+    assert [(m.step, m.value) for m in pre] == [(0, pytest.approx(cb.assessment_.predictions[0].p_divergence))]
+    hist = client.get_metric_history(run.info.run_id, "risk/p_divergence")
+    assert sorted(m.step for m in hist) == [2, 4]
+    assert sorted(m.value for m in hist) == pytest.approx(sorted(cb.history["p_divergence"]))
+    for key in ("risk/m_near_mean", "risk/rho_max", "risk/kreiss_max", "risk/update_ratio_mean"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+
+
+# ==================================================================== Lightning
+def lightning_module(lr):
+    L = pytest.importorskip("lightning")
+
+    class TinyLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_gpt2()
+
+        def forward(self, input_ids):
+            return self.net(input_ids=input_ids).logits
+
+        def training_step(self, batch, batch_idx):
+            return self.net(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=lr)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(TokenData(), batch_size=4)
+
+    return L, TinyLM()
+
+
+def lightning_trainer(L, tmp_path, cb):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(max_steps=MAX_STEPS, accelerator="cpu", devices=1, callbacks=[cb],
+                     logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+
+
+def test_lightning_warn_trains_and_logs_history(tmp_path):
+    import pandas as pd
+
+    from risk_model.callbacks import LightningRiskCallback
+
+    L, module = lightning_module(RISKY_LR)
+    cb = LightningRiskCallback(action="warn", threshold=THRESHOLD, every=EVERY, n_samples=64, warmup=0,
+                               batch_size=4)
+    trainer = lightning_trainer(L, tmp_path, cb)
+    trainer.fit(module)
+    assert trainer.global_step == MAX_STEPS
+    assert cb.history["step"].tolist() == [2, 4] and (cb.history["error"] == "").all()
+    assert cb.monitor.assumptions_ == []
+    logged = pd.read_csv(trainer.logger.log_dir + "/metrics.csv")
+    assert logged.dropna(subset=["risk/preflight_p_divergence"])["step"].tolist() == [0]
+    rows = logged.dropna(subset=["risk/p_divergence"])
+    assert rows["step"].tolist() == [2, 4]
+    assert rows["risk/p_divergence"].tolist() == pytest.approx(cb.history["p_divergence"].tolist())
+
+
+def test_lightning_stop_raises_before_the_first_optimizer_step(tmp_path):
+    from risk_model.callbacks import LightningRiskCallback
+
+    L, module = lightning_module(RISKY_LR)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cb = LightningRiskCallback(action="stop", threshold=THRESHOLD, every=EVERY, n_samples=64)
+    trainer = lightning_trainer(L, tmp_path, cb)
+    with pytest.raises(DivergenceRiskError, match="before the first optimizer step"):
+        trainer.fit(module)
+    assert trainer.global_step == 0
+    assert len(trainer.optimizers[0].state) == 0
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert any("warmup not given" in a for a in cb.monitor.assumptions_)
