@@ -88,9 +88,11 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
     Returns
     -------
     dict of float, keys ``forward_feature_names() + gradient_feature_names()`` (NaN where the
-    network gives no token-id input or no logits)
+    network gives no token-id input or no logits), plus the raw ``init_loss``, ``grad_norm`` and
+    ``vocab_size`` of the probe (not features: the dead-at-init check reads them)
     """
-    feats = {k: float("nan") for k in forward_feature_names() + gradient_feature_names()}
+    feats = {k: float("nan") for k in forward_feature_names() + gradient_feature_names()
+             + ["init_loss", "grad_norm", "vocab_size"]}
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     feats["log10_n_params"] = _log10(float(sum(p.numel() for _, p in params)))
     embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
@@ -160,6 +162,8 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
             if len(stream) > len(blocks) else _log10(stream[-1] / stream[0])
     feats["log10_logit_std"] = _log10(float(logits.detach().double().std()))
     feats["init_loss_excess"] = float(loss.detach()) - math.log(logits.shape[-1])
+    feats["init_loss"] = float(loss.detach())          # not features: the dead-at-init check
+    feats["vocab_size"] = float(logits.shape[-1])
     total = 0.0
     for g, ps in groups.items():
         gs = [p.grad for p in ps if p.grad is not None]
@@ -171,6 +175,7 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
         feats[f"log10_grad_{g}"] = _log10(math.sqrt(gsq))
         feats[f"log10_grad_rel_{g}"] = _log10(math.sqrt(gsq) / max(math.sqrt(wsq), 1e-30))
     feats["log10_grad_norm"] = _log10(math.sqrt(total))
+    feats["grad_norm"] = math.sqrt(total) if math.isfinite(total) else float("inf")
     for n, p in params:  # restore the caller's gradients
         p.grad = saved_grads[n]
     return feats

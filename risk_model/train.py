@@ -49,3 +49,63 @@ def train_bundle(corpus, heldout: dict, *, calibration: str = "platt", n_splits:
     iso.metadata_ = dict(common, metrics=clean(heldout["isotonic"]))
     xgbp.metadata_ = dict(common, metrics=clean(heldout["xgboost"]))
     return PredictorBundle(config_aware=xgbp, config_free=iso, source="", version=version)
+
+
+def train_critical_lr(corpus_dir, *, heldout: dict | None = None, seed: int = 0, n_estimators: int = 400,
+                      progress: bool = False):
+    """Fit predictor v2 (``threshold.CriticalLRModel``, every feature group) on a ladder corpus.
+
+    Needs the corpus's ``models.parquet`` (init-time features per network; made, or extended, here
+    with ``sweep.model_table.build_model_table``) and ``layers.parquet``. Networks dead at init are
+    left out (``risk predict`` answers them deterministically). ``heldout`` (from
+    ``heldout.evaluate_heldout``) is stored as the model's metrics.
+
+    Returns
+    -------
+    CriticalLRModel with ``metadata_``
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .corpus import load_corpus
+    from .heldout import FULL, censored_bounds, network_table
+    from .sweep.model_table import build_model_table
+    from .threshold import FEATURE_GROUPS, OPTIMIZERS, CriticalLRModel
+
+    corpus_dir = Path(corpus_dir)
+    models = build_model_table(corpus_dir, progress=progress)
+    layers = pd.read_parquet(corpus_dir / "layers.parquet")
+    c = load_corpus([corpus_dir])
+    runs = c.runs
+    ok = set(models.loc[models.get("rebuild_ok", pd.Series(True, index=models.index)).astype(bool), "model_id"])
+    nets = network_table(models, layers)
+    nets = nets[~nets["dead_at_init"] & nets["model_id"].isin(ok)].reset_index(drop=True)
+    runs = runs[runs["model_id"].isin(set(nets["model_id"]))]
+    idx = {m: i for i, m in enumerate(nets["model_id"])}
+    lo, hi = censored_bounds(nets)
+    model = CriticalLRModel(n_estimators=n_estimators, random_state=seed).fit(
+        nets, lo, hi, runs_model_index=runs["model_id"].map(idx).to_numpy(), runs_lr=runs["lr"].to_numpy(),
+        runs_diverged=runs["diverged"].to_numpy(int))
+    names = [n for g in model.groups for n in FEATURE_GROUPS[g]]
+    rng = {n: [float(nets[n].min()), float(nets[n].max())] for n in names
+           if n in nets and nets[n].notna().any() and not n.startswith("opt_")}
+    now = _dt.datetime.now(_dt.timezone.utc)
+    m = (heldout or {}).get("pooled", {}).get(FULL, {})
+    safe = (heldout or {}).get("max_safe_lr", {}).get(FULL, {})
+    model.metadata_ = dict(
+        name="divergence-risk", kind="critical_lr", version=f"{now:%Y%m%d}-v2-{c.hash[:8]}",
+        trained_at=now.isoformat(timespec="seconds"), corpus_hash=c.hash, corpus_sources=[str(corpus_dir)],
+        n_networks=int(len(nets)), n_runs=int(len(runs)), n_diverged=int(runs["diverged"].sum()),
+        optimizers=list(OPTIMIZERS), families=sorted(nets["family"].unique().tolist()),
+        profile_settings=c.profile_settings, feature_range=rng,
+        config_defaults={"warmup": float(runs["warmup"].median()), "batch_size": float(runs["batch_size"].median()),
+                         "steps": float(runs["steps"].median()), "d_model": float(runs["d_model"].median()),
+                         "grad_clip": 0.0, "weight_decay": 0.0},
+        metrics={"auroc": m.get("auroc"), "auroc_ci": m.get("auroc_ci"), "ece": m.get("ece"),
+                 "brier": m.get("brier"), "max_safe_lr_right": safe.get("right"),
+                 "max_safe_lr_unsafe": safe.get("unsafe"),
+                 "protocol": "leave-one-architecture-class-out"} if heldout else {},
+        shift=model.shift_, scale=model.scale_, versions=library_versions(),
+    )
+    return model
