@@ -228,3 +228,112 @@ def paired_delta(y, p_a, p_b, cluster, n_boot=1000, seed=0) -> dict:
         if math.isfinite(d):
             vals.append(d)
     return dict(delta=float(d0), ci=(float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))))
+
+
+def _fmt(v, nd=3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def report_markdown(res: dict, paired: dict) -> str:
+    """The leave-one-class-out section of ``reports/evaluation.md``."""
+    L = ["## Predictor v2: leave-one-architecture-class-out (corpus-v2)", "",
+         f"{res['n_networks']} networks (not dead at init), {res['n_runs']} runs, {len(res['classes'])} "
+         f"classes: {', '.join(res['classes'])}. Every predictor is fitted on the other classes' networks "
+         "and scores the held-out class (for the critical-LR model, its out-of-fold calibration too). "
+         "AUROC 95% CI: percentile bootstrap over networks. ECE: 10 equal-width bins. "
+         f"`max_safe_lr` at P = {res['threshold']:g}: *right* when in [lr_stable_max / 2, lr_diverge_min), "
+         "*unsafe* when at or above lr_diverge_min; |log10 error| of the predicted median critical LR "
+         "against the bracket's geometric mean.", "",
+         "| predictor | AUROC [95% CI] | ECE | Brier |", "|---|---|---|---|"]
+    for name, m in res["pooled"].items():
+        lo, hi = m["auroc_ci"]
+        L.append(f"| {name} | {_fmt(m['auroc'])} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(m['ece'])} | {_fmt(m['brier'])} |")
+    L += ["", "**AUROC per held-out class**", "",
+          "| predictor | " + " | ".join(res["classes"]) + " |", "|---|" + "---|" * len(res["classes"])]
+    per = pd.DataFrame(res["per_class"])
+    for name in res["pooled"]:
+        row = per[per["predictor"] == name].set_index("heldout")
+        L.append(f"| {name} | " + " | ".join(_fmt(row.loc[c, "auroc"], 2) for c in res["classes"]) + " |")
+    L += ["", "**ECE per held-out class**", "",
+          "| predictor | " + " | ".join(res["classes"]) + " |", "|---|" + "---|" * len(res["classes"])]
+    for name in res["pooled"]:
+        row = per[per["predictor"] == name].set_index("heldout")
+        L.append(f"| {name} | " + " | ".join(_fmt(row.loc[c, "ece"], 2) for c in res["classes"]) + " |")
+    L += ["", f"**max_safe_lr (P < {res['threshold']:g}) on held-out networks**", "",
+          "| feature groups | right | unsafe | median abs log10 error | right per class |", "|---|---|---|---|---|"]
+    for name, m in res["max_safe_lr"].items():
+        pc = ", ".join(f"{c} {_fmt(v['right'], 2)}" for c, v in m["per_class"].items())
+        L.append(f"| {name} | {_fmt(m['right'], 2)} | {_fmt(m['unsafe'], 2)} | {_fmt(m['median_abs_log10_err'], 2)} | {pc} |")
+    L += ["", "**What each group adds** (paired bootstrap over networks, same held-out predictions)", "",
+          "| comparison | ΔAUROC [95% CI] |", "|---|---|"]
+    for name, d in paired.items():
+        L.append(f"| {name} | {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+    return "\n".join(L) + "\n"
+
+
+def evaluate_ladder(corpus_dir, out_dir, *, threshold: float = 0.2, n_boot: int = 1000, seed: int = 0,
+                    n_estimators: int = 400, progress=None) -> dict:
+    """Run the leave-one-class-out evaluation on a ladder corpus and write ``heldout.md``,
+    ``heldout.json`` and ``heldout_reliability.png`` into ``out_dir`` (atomically)."""
+    import json
+    from pathlib import Path
+
+    from .corpus import load_corpus
+    from .sweep.model_table import build_model_table
+
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    models = build_model_table(corpus_dir, progress=False)
+    ok = set(models.loc[models["rebuild_ok"].astype(bool), "model_id"]) if "rebuild_ok" in models else set(models["model_id"])
+    layers = pd.read_parquet(corpus_dir / "layers.parquet")
+    runs = load_corpus([corpus_dir]).runs
+    nets = network_table(models, layers)
+    nets = nets[nets["model_id"].isin(ok)]
+    res = evaluate_heldout(nets, runs, threshold=threshold, n_boot=n_boot, progress=progress,
+                           n_estimators=n_estimators, random_state=seed)
+    y, cl = res["y"], res["cluster"]
+    paired = {
+        "all − (config+forward+gradient): the spectral group": paired_delta(y, res["oof"][FULL], res["oof"][NO_SPECTRAL], cl, n_boot),
+        "(config+forward+gradient) − config": paired_delta(y, res["oof"][NO_SPECTRAL], res["oof"]["config"], cl, n_boot),
+        "all − log LR + optimizer": paired_delta(y, res["oof"][FULL], res["oof"]["log LR + optimizer"], cl, n_boot),
+        "all − v1 monotone XGBoost": paired_delta(y, res["oof"][FULL], res["oof"]["v1: monotone XGBoost"], cl, n_boot),
+        "spectral alone − log LR alone": paired_delta(y, res["oof"]["spectral"], res["oof"]["log LR alone"], cl, n_boot),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = report_markdown(res, paired)
+    summary = {k: res[k] for k in ("pooled", "max_safe_lr", "per_class", "classes", "n_networks", "n_runs",
+                                   "threshold", "protocol")}
+    summary["paired"] = paired
+    _atomic_write(out_dir / "heldout.md", md)
+    _atomic_write(out_dir / "heldout.json", json.dumps(summary, indent=2, default=float))
+    _reliability_png(y, res["oof"][FULL], out_dir / "heldout_reliability.png")
+    res.update(paired=paired, markdown=md)
+    return res
+
+
+def _atomic_write(path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _reliability_png(y, p, path) -> None:
+    import os
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 4))
+    ax = fig.add_subplot(111)
+    idx = np.minimum((p * 10).astype(int), 9)
+    xs = [p[idx == b].mean() for b in range(10) if (idx == b).any()]
+    ys = [y[idx == b].mean() for b in range(10) if (idx == b).any()]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    ax.plot(xs, ys, "o-", color="C3")
+    ax.set_xlabel("predicted P(divergence)")
+    ax.set_ylabel("observed divergence rate")
+    ax.set_title(f"held-out classes, ECE {ece(y, p):.3f}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)

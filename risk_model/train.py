@@ -51,8 +51,8 @@ def train_bundle(corpus, heldout: dict, *, calibration: str = "platt", n_splits:
     return PredictorBundle(config_aware=xgbp, config_free=iso, source="", version=version)
 
 
-def train_critical_lr(corpus_dir, *, heldout: dict | None = None, seed: int = 0, n_estimators: int = 400,
-                      progress: bool = False):
+def train_critical_lr(corpus_dir, *, heldout: dict | None = None, evaluate: bool = True, seed: int = 0,
+                      n_estimators: int = 400, progress: bool = False):
     """Fit predictor v2 (``threshold.CriticalLRModel``, every feature group) on a ladder corpus.
 
     Needs the corpus's ``models.parquet`` (init-time features per network; made, or extended, here
@@ -69,7 +69,7 @@ def train_critical_lr(corpus_dir, *, heldout: dict | None = None, seed: int = 0,
     import pandas as pd
 
     from .corpus import load_corpus
-    from .heldout import FULL, censored_bounds, network_table
+    from .heldout import ABLATION, FULL, censored_bounds, evaluate_heldout, network_table
     from .sweep.model_table import build_model_table
     from .threshold import FEATURE_GROUPS, OPTIMIZERS, CriticalLRModel
 
@@ -82,6 +82,9 @@ def train_critical_lr(corpus_dir, *, heldout: dict | None = None, seed: int = 0,
     nets = network_table(models, layers)
     nets = nets[~nets["dead_at_init"] & nets["model_id"].isin(ok)].reset_index(drop=True)
     runs = runs[runs["model_id"].isin(set(nets["model_id"]))]
+    if heldout is None and evaluate:
+        heldout = evaluate_heldout(nets, runs, ablation={FULL: ABLATION[FULL]}, baselines=(), n_boot=200,
+                                   n_estimators=n_estimators, random_state=seed)
     idx = {m: i for i, m in enumerate(nets["model_id"])}
     lo, hi = censored_bounds(nets)
     model = CriticalLRModel(n_estimators=n_estimators, random_state=seed).fit(
