@@ -159,6 +159,66 @@ def make_probe(
     return torch.randn((B, *input_shape), generator=gen)
 
 
+def capture_bytes(n_samples: int, width: int, n_layers: int, probe_values: int = 0) -> int:
+    """Peak memory (bytes) of capturing and profiling ``n_samples`` token states of width ``width``
+    in each of ``n_layers`` blocks.
+
+    Per layer the hooks keep ``X`` and ``Y`` (N × d) in float32 and copy them to float64 (d × N)
+    after the pass: 2·L·N·d·(4 + 8) bytes. The DMD of one layer then needs about three more
+    float64 copies of a d × N matrix (centring, whitening, projections). ``probe_values`` counts the
+    probe tensor's values (8 bytes each at most).
+    """
+    per_state = 2 * n_layers * width * (4 + 8) + 3 * width * 8
+    return int(n_samples) * per_state + 8 * int(probe_values)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_capture_memory(model: nn.Module, n_samples: int, n_layers: int, *,
+                         input_shape: tuple[int, ...] | None = None, inputs: torch.Tensor | None = None) -> None:
+    """Refuse, before any work, a capture that will not fit in memory.
+
+    The residual width is taken from the first ``nn.Embedding`` (else the last axis of the inputs);
+    the estimate is ``capture_bytes``; the limit is the memory available now.
+
+    Raises
+    ------
+    CaptureError : one line with the estimate and the limit
+    """
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is not None:
+        width = emb.embedding_dim
+    elif inputs is not None and inputs.ndim >= 2:
+        width = int(inputs.shape[-1])
+    elif input_shape:
+        width = int(input_shape[-1])
+    else:
+        return
+    probe = n_samples if emb is not None else n_samples * width
+    need = capture_bytes(n_samples, width, n_layers, probe_values=probe)
+    limit = available_memory()
+    if limit is not None and need > limit:
+        raise CaptureError(
+            f"n_samples={n_samples} needs about {need / 1e9:.1f} GB to profile ({n_layers} blocks of width {width}), "
+            f"more than the {limit / 1e9:.1f} GB of memory available: lower --n-samples"
+        )
+
+
 def load_probe(path: str | Path) -> torch.Tensor:
     """A probe tensor saved with ``torch.save`` (loaded with ``weights_only=True``)."""
     try:
@@ -261,6 +321,15 @@ def collect_snapshots(
                 model(inputs[start:stop])
             except _StopForward:
                 pass
+            except CaptureError:
+                raise
+            except (RuntimeError, ValueError, IndexError, TypeError) as e:  # the model refused the probe
+                first = (str(e).splitlines() or [e.__class__.__name__])[0][:160]
+                raise CaptureError(
+                    f"the forward pass of {type(model).__name__} failed on probe inputs of shape "
+                    f"{tuple(inputs.shape[1:])} per example ({e.__class__.__name__}: {first}): give the shape "
+                    "the model takes with --input-shape (without the batch axis), or probe inputs with --inputs"
+                ) from e
             if progress is not None:
                 progress(stop)
     finally:

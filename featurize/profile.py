@@ -259,11 +259,13 @@ def profile(
 
 
 def _profile(model, inputs, *, blocks, n_samples, seed, rank, input_shape, kreiss_grid, progress):
-    name, _ = _capture.find_blocks(model, blocks)
+    name, mods = _capture.find_blocks(model, blocks)
+    if isinstance(inputs, (str, Path)):
+        inputs = _capture.load_probe(inputs)
+    _capture.check_capture_memory(model, n_samples, len(mods), input_shape=input_shape,
+                                  inputs=inputs if isinstance(inputs, torch.Tensor) else None)
     if inputs is None:
         inputs = _capture.make_probe(model, n_samples, seed=seed, input_shape=input_shape)
-    elif isinstance(inputs, (str, Path)):
-        inputs = _capture.load_probe(inputs)
     B = inputs.shape[0]
     snaps = _capture.collect_snapshots(
         model, inputs, blocks=blocks, n_samples=n_samples, seed=seed,

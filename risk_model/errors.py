@@ -24,3 +24,23 @@ class CorpusError(RiskError, ValueError):
 
 class PredictorError(RiskError, ValueError):
     """A predictor artifact that cannot be used (missing files, other feature schema, bad input)."""
+
+
+#: Optional extras of the package and the modules they bring (pyproject ``optional-dependencies``).
+EXTRAS = {"mlflow": "ml", "netcal": "ml", "transformers": "hf", "accelerate": "hf", "dask": "cluster",
+          "distributed": "cluster", "lightning": "lightning"}
+
+
+def install_hint(extra: str) -> str:
+    """The exact command that installs an optional extra (with the project's pins)."""
+    return f"pip install -c constraints.txt 'divergence-risk[{extra}]'"
+
+
+def missing_extra_message(module: str | None) -> str | None:
+    """One line naming the extra that provides ``module`` (a top-level name) and how to install it;
+    None when the module is not one an extra provides."""
+    top = (module or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f"{top} is not installed: it comes with the optional extra '{extra}': {install_hint(extra)}"

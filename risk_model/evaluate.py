@@ -394,9 +394,14 @@ def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bi
 
 def write_report(res: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     """evaluation.md + roc.png + reliability.png in ``out_dir``."""
+    from .outputs import atomic_path
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    roc = plot_roc(res, out_dir / "roc.png")
-    rel = plot_reliability(res, out_dir / "reliability.png")
+    roc, rel = out_dir / "roc.png", out_dir / "reliability.png"
+    with atomic_path(roc) as tmp:  # each file whole or not at all
+        plot_roc(res, tmp)
+    with atomic_path(rel) as tmp:
+        plot_reliability(res, tmp)
     y = res["y"]
     L = ["# Divergence-risk predictor: evaluation", ""]
     L.append(f"Corpus: {res['n_runs']} runs, {res['n_configs']} groups, {int(y.sum())} diverged "
@@ -447,7 +452,8 @@ def write_report(res: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
         L.append(f"| {norm} | " + " | ".join(_fmt(v, ".2f") for v in row.to_numpy()) + " |")
     L += ["", "![ROC](roc.png)", "", "![Reliability](reliability.png)", ""]
     md = out_dir / "evaluation.md"
-    md.write_text("\n".join(L))
+    with atomic_path(md) as tmp:
+        tmp.write_text("\n".join(L))
     return [md, roc, rel]
 
 

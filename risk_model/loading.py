@@ -30,9 +30,12 @@ def _strip_compile_prefix(sd: dict) -> dict:
 def _load_hf_dir(path: Path) -> nn.Module:
     try:
         import transformers
-    except ImportError as e:  # pragma: no cover - depends on the install
+    except ImportError as e:
+        from .errors import install_hint
+
         raise ModelLoadError(
-            f"{path} is a Hugging Face model directory: install transformers (pip install 'divergence-risk[hf]')"
+            f"{path} is a Hugging Face model directory, which needs transformers, the optional extra 'hf': "
+            f"{install_hint('hf')}"
         ) from e
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)

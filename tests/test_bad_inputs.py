@@ -173,3 +173,142 @@ def test_zoo_transformer_is_inside_the_training_domain():
     res = invoke("predict", "example", "--lr", "1e-3", "--json")
     assert res.exit_code == 0, res.output
     assert not any("training domain" in w for w in json.loads(res.stdout)["warnings"])
+
+
+# ------------------------------------------------------------------ 3. probe seeds: same settings, spread shown
+def test_profile_and_predict_use_the_predictors_settings_and_average_probe_seeds():
+    import numpy as np
+
+    import featurize
+    from risk_model.features import request_table
+    from risk_model.loading import example_model
+    from risk_model.serve import load_bundle
+
+    settings = json.loads((SHIPPED / "config_aware" / "metadata.json").read_text())["profile_settings"]
+    prof_out = json.loads(invoke("profile", "example", "--json").stdout)
+    pred = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--json")
+    assert pred.exit_code == 0, pred.output
+    pred = json.loads(pred.stdout)
+    # same network, same settings: the same profile in both commands
+    assert prof_out["meta"]["n_samples"] == pred["profile"]["meta"]["n_samples"] == settings["n_samples"]
+    assert prof_out["aggregates"]["m_near_mean"] == pytest.approx(pred["profile"]["aggregates"]["m_near_mean"])
+    # P is the mean over probe seeds 0, 1, 2, recomputed here from three independent profiles
+    bundle = load_bundle(SHIPPED)
+    ps = []
+    for s in range(3):
+        prof = featurize.profile(example_model(), n_samples=settings["n_samples"], seed=s, rank=settings["rank"],
+                                 kreiss_grid=settings["kreiss_grid"])
+        t = request_table(prof.aggregates, lrs=[1e-2, 3e-2], optimizer="adamw", warmup=20, batch_size=16,
+                          steps=120, d_model=64)
+        ps.append(bundle.config_aware.predict_proba(t)[:, 1])
+    ps = np.array(ps)
+    got = pred["predictions"]
+    np.testing.assert_allclose([p["p_divergence"] for p in got], ps.mean(0), rtol=1e-6)
+    np.testing.assert_allclose([p["p_low"] for p in got], ps.min(0), rtol=1e-6)
+    np.testing.assert_allclose([p["p_high"] for p in got], ps.max(0), rtol=1e-6)
+    assert pred["probe_seeds"]["seeds"] == [0, 1, 2]
+    # the profile command shows how far the aggregates move over the same seeds
+    lo, hi = prof_out["probe_seeds"]["aggregates_min_max"]["m_near_mean"]
+    assert lo <= prof_out["aggregates"]["m_near_mean"] <= hi and hi > lo
+
+
+# ------------------------------------------------------------------ 4. outputs checked first, results first
+def test_unwritable_plot_is_refused_before_any_work(tmp_path):
+    res = invoke("predict", "example", "--lr", "1e-3", "--plot", "/proc/eig.png")
+    assert_one_line_error(res, "/proc", "cannot write")
+    assert res.stdout == ""
+
+
+def test_failed_plot_write_keeps_the_printed_results_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+
+    from featurize.profile import SpectralProfile
+
+    def full_disk(self, path, **kw):
+        Path(path).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SpectralProfile, "plot", full_disk)
+    target = tmp_path / "eig.png"
+    res = invoke("predict", "example", "--lr", "1e-3", "--probe-seeds", "1", "--plot", target)
+    assert_one_line_error(res, str(target), "No space left")
+    assert "P(divergence)" in res.stdout and "largest safe learning rate" in res.stdout
+    assert list(tmp_path.iterdir()) == []  # no truncated plot, no temporary file
+
+
+def test_evaluate_refuses_an_unwritable_report_directory_before_loading_anything():
+    res = invoke("evaluate", "--corpus", "nowhere", "--out", "/proc/report", "--no-track")
+    assert_one_line_error(res, "/proc/report", "cannot write")
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    from risk_model.outputs import atomic_path
+
+    f = tmp_path / "evaluation.md"
+    f.write_text("old report")
+    with pytest.raises(OSError):
+        with atomic_path(f) as tmp:
+            tmp.write_text("half a new rep")
+            raise OSError("disk full")
+    assert f.read_text() == "old report" and sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.md"]
+    with atomic_path(f) as tmp:
+        tmp.write_text("new report")
+    assert f.read_text() == "new report" and sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.md"]
+
+
+# ------------------------------------------------------------------ 5. memory estimated before capture
+def test_too_many_samples_are_refused_with_the_estimate_and_the_limit():
+    import re
+
+    res = invoke("profile", "example", "--n-samples", "1000000000", "--probe-seeds", "1")
+    line = assert_one_line_error(res, "GB", "available", "--n-samples")
+    need, limit = (float(v) for v in re.findall(r"([\d.]+) GB", line)[:2])
+    # the float64 snapshot matrices alone: 2 (X, Y) x 4 blocks x d=64 x N x 8 bytes
+    assert need >= 2 * 4 * 64 * 1e9 * 8 / 1e9
+    with open("/proc/meminfo") as f:
+        avail = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")) / 1e9
+    assert limit == pytest.approx(avail, rel=0.25)
+
+
+# ------------------------------------------------------------------ 7. risk train keeps the shipped predictor
+def test_train_writes_a_new_directory_and_replacing_needs_a_flag(tmp_path, monkeypatch):
+    from synth_corpus import make_corpus, write_corpus
+
+    runs, layers = make_corpus(n_configs=30, seeds=2, seed=5)
+    corpus = write_corpus(tmp_path / "corpus", runs, layers)
+    work = tmp_path / "checkout"
+    shutil.copytree(SHIPPED, work / "models" / "default")
+    before = {p.relative_to(work): p.read_bytes() for p in (work / "models").rglob("*") if p.is_file()}
+    monkeypatch.chdir(work)
+    res = invoke("train", "--corpus", corpus, "--out", "models/default", "--no-track")
+    assert_one_line_error(res, "models/default", "--replace")
+    res = invoke("train", "--corpus", corpus, "--rounds", "10", "--n-splits", "3", "--no-track")
+    assert res.exit_code == 0, res.output
+    after = {p.relative_to(work): p.read_bytes() for p in (work / "models").rglob("*") if p.is_file()}
+    assert {k: after[k] for k in before} == before  # the shipped predictor is byte-for-byte untouched
+    new = {k.parts[1] for k in after if k not in before}
+    assert len(new) == 1 and (work / "models" / new.pop() / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------ 8. wrong input shape, missing extras
+def test_wrong_input_shape_is_one_line(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "mlp.pt"
+    torch.save(ResidualMLP(d=32), path)
+    res = invoke("profile", path, "--trust-pickle", "--input-shape", "8,16", "--probe-seeds", "1")
+    assert_one_line_error(res, "--input-shape", "(8, 16)")
+
+
+@pytest.mark.parametrize("module, extra, args", [
+    ("transformers", "hf", ["profile", "{hf}", "--probe-seeds", "1"]),
+    ("netcal", "ml", ["evaluate", "--corpus", "nowhere", "--no-track"]),
+    ("mlflow", "ml", ["train", "--corpus", "nowhere"]),
+    ("mlflow", "ml", ["score", "models:/x/1", "--lr", "1e-3"]),
+])
+def test_missing_extra_names_the_extra_and_the_pip_command(module, extra, args, tmp_path, monkeypatch):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if not installed
+    res = invoke(*[a.format(hf=hf) for a in args])
+    assert_one_line_error(res, f"'{extra}'", f"pip install -c constraints.txt 'divergence-risk[{extra}]'")
