@@ -149,7 +149,7 @@ def _make_hf_callback():
         Attributes
         ----------
         monitor : RiskMonitor or None (None until train begin, or when the model cannot be checked)
-        assessment_ : serve.Assessment of the pre-flight check
+        assessment_ : dict, the pre-flight result (as ``risk predict --json``)
         history : pandas.DataFrame, ``monitor.HISTORY_COLUMNS``
         """
 

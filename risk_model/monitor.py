@@ -1,9 +1,9 @@
 """Divergence risk inside a training loop: a pre-flight check before the first step and a cheap
 spectral watch during training.
 
-``RiskMonitor.check()`` profiles the network with the settings the predictor's training corpus was
-profiled with and returns what ``risk predict`` returns (``serve.Assessment``: P(divergence) per
-learning rate, ``max_safe_lr``, warnings). ``RiskMonitor.step(global_step)`` re-profiles every
+``RiskMonitor.check()`` assesses the network with the function ``risk predict`` uses (its profile
+settings, probe seeds and predictor) and returns what ``risk predict --json`` prints (P(divergence)
+per learning rate, ``max_safe_lr``, warnings, recommendation). ``RiskMonitor.step(global_step)`` re-profiles every
 ``every`` steps with a cheap profile (rank-32 DMD, ``n_samples`` token states, 256 by default) and
 records one row of ``HISTORY_COLUMNS``: M≈1 mean, ρ max, Kreiss max, the residual update ratio and
 P(divergence) at the current learning rate. Failures during training are logged (logger
@@ -18,7 +18,7 @@ Examples
 --------
 >>> mon = RiskMonitor(model, lr=3e-4, optimizer="adamw", warmup=100, every=50)   # doctest: +SKIP
 >>> res = mon.check()                                                           # doctest: +SKIP
->>> res.max_safe_lr, [p.p_divergence for p in res.predictions]                  # doctest: +SKIP
+>>> res["max_safe_lr"], [p["p_divergence"] for p in res["predictions"]]         # doctest: +SKIP
 >>> for step, batch in enumerate(loader, 1):                                    # doctest: +SKIP
 ...     loss = model(batch).loss; loss.backward(); opt.step(); opt.zero_grad()
 ...     mon.step(step, lr=opt.param_groups[0]["lr"])
@@ -60,7 +60,7 @@ class DivergenceRiskError(RiskError):
 
     Attributes
     ----------
-    assessment : serve.Assessment of the pre-flight check
+    assessment : dict, the pre-flight result (``RiskMonitor.check()``)
     """
 
     def __init__(self, message: str, assessment=None):
@@ -79,20 +79,6 @@ def optimizer_name(optimizer) -> str | None:
         if name.startswith(key) or f"_{key}" in name or f"{key}_" in name:
             return _OPTIMIZER_CLASSES[key]
     return None
-
-
-def profile_for(model, bundle, *, blocks=None, inputs=None, input_shape=None, progress=None):
-    """Profile ``model`` with the settings the predictor's training corpus was profiled with (as
-    ``risk predict`` does). Probe token ids are put on the model's device."""
-    from featurize import make_probe, profile
-
-    settings = bundle.metadata.get("profile_settings") or {}
-    n_samples, seed = int(settings.get("n_samples", 2048)), int(settings.get("seed", 0))
-    if inputs is None:
-        inputs = _probe_on_device(model, make_probe, n_samples, seed, input_shape, blocks)
-    return profile(model, inputs, blocks=blocks, n_samples=n_samples, seed=seed,
-                   rank=settings.get("rank", 32) or None, input_shape=input_shape,
-                   kreiss_grid=settings.get("kreiss_grid") or None, progress=progress)
 
 
 def _probe_on_device(model, make_probe, n_samples, seed, input_shape, blocks):
@@ -150,7 +136,7 @@ class RiskMonitor:
 
     Attributes
     ----------
-    assessment_ : serve.Assessment of the last ``check()``
+    assessment_ : dict, the last ``check()`` (as ``risk predict --json``)
     assumptions_ : list of str, what was assumed for information that was missing
     history : pandas.DataFrame with columns ``HISTORY_COLUMNS``
     """
@@ -213,46 +199,53 @@ class RiskMonitor:
                             steps=self.steps, grad_clip=self.grad_clip, weight_decay=self.weight_decay,
                             threshold=self.threshold)
 
-    def check(self):
-        """Profile the network at its current weights and assess it as ``risk predict`` does.
+    def check(self) -> dict:
+        """Profile the network at its current weights and assess it exactly as ``risk predict`` does
+        (the same function: its probe seeds, predictor and wording).
 
         Returns
         -------
-        serve.Assessment
-            ``predictions`` (one per LR: ``lr``, ``p_divergence``, ``risk``), ``max_safe_lr``,
-            ``warnings``; also stored as ``assessment_``.
+        dict
+            What ``risk predict --json`` prints: ``predictions`` (one per LR: ``lr``,
+            ``p_divergence``, ``risk``), ``max_safe_lr``, ``warnings``, ``recommendation``, the
+            profile and the predictor (and whatever fields the served predictor adds); also stored
+            as ``assessment_``.
 
         Raises
         ------
         featurize.CaptureError : no residual blocks could be found or the forward pass failed
         risk_model.errors.PredictorError : the predictor cannot serve this request
         """
-        from .serve import assess
+        from .cli import _assess_model  # the function `risk predict` calls
 
-        bundle = self.bundle()
         with self._rng_kept():
-            prof = profile_for(self.model, bundle, blocks=self.blocks, input_shape=self.input_shape)
-        self.assessment_ = assess(prof, bundle=bundle, request=self._request(self.lr))
-        return self.assessment_
+            out, _ = _assess_model(self.model, type(self.model).__name__, self.bundle(),
+                                   lrs=[] if self.lr is None else [float(self.lr)], optimizer=self._optimizer_name,
+                                   warmup=self.warmup, batch_size=self.batch_size, steps=self.steps,
+                                   threshold=self.threshold, blocks=self.blocks, inputs=None,
+                                   input_shape=self.input_shape)
+        self.assessment_ = out
+        return out
 
-    def is_risky(self, assessment=None) -> bool:
+    def is_risky(self, assessment: dict | None = None) -> bool:
         """Whether P(divergence) ≥ ``threshold`` at some requested LR (default: the last check)."""
         res = assessment if assessment is not None else self.assessment_
-        return max(p.p_divergence for p in res.predictions) >= self.threshold
+        return max((p["p_divergence"] for p in res["predictions"]), default=0.0) >= self.threshold
 
-    def explain(self, assessment=None) -> str:
-        """One-paragraph verdict of a check: P at the LR, what LR would be safe, the warnings."""
+    def explain(self, assessment: dict | None = None) -> str:
+        """The verdict of a check in words: P at the LR, what LR would be safe, warnings, advice."""
         res = assessment if assessment is not None else self.assessment_
-        ps = ", ".join(("config-free" if p.lr is None else f"lr {p.lr:.3g}") + f": P(divergence) {p.p_divergence:.3f}"
-                       for p in res.predictions)
+        ps = ", ".join(("config-free" if p["lr"] is None else f"lr {p['lr']:.3g}")
+                       + f": P(divergence) {p['p_divergence']:.3f}" for p in res["predictions"])
         verdict = "at or above" if self.is_risky(res) else "below"
         text = f"{ps} ({verdict} the threshold {self.threshold:g})"
-        if res.max_safe_lr is not None:
-            text += f"; largest safe learning rate {res.max_safe_lr:.3g}"
+        if res.get("max_safe_lr") is not None:
+            text += f"; largest safe learning rate {res['max_safe_lr']:.3g}"
         elif self.lr is not None:
-            text += "; no learning rate in the predictor's range is safe for this network: change its architecture or init"
-        notes = list(res.warnings) + self.assumptions_
-        return text + "".join(f"\n  warning: {w}" for w in notes)
+            text += "; no learning rate in the predictor's range is safe for this network"
+        notes = [f"warning: {w}" for w in list(res.get("warnings", [])) + self.assumptions_]
+        notes += [f"recommendation: {r}" for r in res.get("recommendation", [])]
+        return text + "".join(f"\n  {n}" for n in notes)
 
     # ------------------------------------------------------------------ during training
     def step(self, global_step: int, lr: float | None = None) -> dict | None:
@@ -337,14 +330,17 @@ class RiskMonitor:
         return {prefix + k: float(row[k]) for k in keys
                 if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
 
-    def preflight_metrics(self, assessment=None, prefix: str = "risk/preflight_") -> dict[str, float]:
+    def preflight_metrics(self, assessment: dict | None = None, prefix: str = "risk/preflight_") -> dict[str, float]:
         """The check's numbers for loggers: P(divergence) at the training LR (the worst requested
-        one), max_safe_lr when there is one, and the profile's M≈1 mean, ρ max, Kreiss max."""
+        one), max_safe_lr when there is one, and the profile's M≈1 mean, ρ max, Kreiss max, update ratio."""
         res = assessment if assessment is not None else self.assessment_
-        out = {prefix + "p_divergence": float(max(p.p_divergence for p in res.predictions))}
-        if res.max_safe_lr is not None:
-            out[prefix + "max_safe_lr"] = float(res.max_safe_lr)
-        aggs = (res.profile or {}).get("aggregates", {}) if isinstance(res.profile, dict) else {}
+        out = {}
+        if res.get("predictions"):
+            out[prefix + "p_divergence"] = float(max(p["p_divergence"] for p in res["predictions"]))
+        if res.get("max_safe_lr") is not None:
+            out[prefix + "max_safe_lr"] = float(res["max_safe_lr"])
+        profile = res.get("profile")
+        aggs = profile.get("aggregates", {}) if isinstance(profile, dict) else {}
         for c in _AGG_COLUMNS:
             v = aggs.get(c)
             if isinstance(v, (int, float)) and math.isfinite(v):

@@ -92,7 +92,7 @@ def test_hf_warn_trains_and_logs_history(tmp_path, caplog):
     # pre-flight through trainer.log at step 0, then one row per EVERY steps
     pre = risk_rows(trainer.state.log_history, "risk/preflight_p_divergence")
     assert [h["step"] for h in pre] == [0]
-    assert pre[0]["risk/preflight_p_divergence"] == pytest.approx(cb.assessment_.predictions[0].p_divergence)
+    assert pre[0]["risk/preflight_p_divergence"] == pytest.approx(cb.assessment_["predictions"][0]["p_divergence"])
     assert [h["step"] for h in risk_rows(trainer.state.log_history)] == [2, 4]
     hist = cb.history
     assert list(hist.columns) == HISTORY_COLUMNS
@@ -112,7 +112,7 @@ def test_hf_stop_raises_before_the_first_optimizer_step(tmp_path):
     assert trainer.state.global_step == 0
     assert len(trainer.optimizer.state) == 0  # AdamW keeps per-parameter state from its first step on
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert info.value.assessment.predictions[0].p_divergence >= THRESHOLD
+    assert info.value.assessment["predictions"][0]["p_divergence"] >= THRESHOLD
     assert "lr 10" in str(info.value)
 
 
@@ -170,7 +170,7 @@ def test_hf_metrics_reach_an_mlflow_run(tmp_path, monkeypatch):
     exp = client.get_experiment_by_name("risk-callback-test")
     (run,) = client.search_runs([exp.experiment_id])
     pre = client.get_metric_history(run.info.run_id, "risk/preflight_p_divergence")
-    assert [(m.step, m.value) for m in pre] == [(0, pytest.approx(cb.assessment_.predictions[0].p_divergence))]
+    assert [(m.step, m.value) for m in pre] == [(0, pytest.approx(cb.assessment_["predictions"][0]["p_divergence"]))]
     hist = client.get_metric_history(run.info.run_id, "risk/p_divergence")
     assert sorted(m.step for m in hist) == [2, 4]
     assert sorted(m.value for m in hist) == pytest.approx(sorted(cb.history["p_divergence"]))
