@@ -223,7 +223,8 @@ class RiskMonitor:
                                    lrs=[] if self.lr is None else [float(self.lr)], optimizer=self._optimizer_name,
                                    warmup=self.warmup, batch_size=self.batch_size, steps=self.steps,
                                    threshold=self.threshold, blocks=self.blocks, inputs=None,
-                                   input_shape=self.input_shape)
+                                   input_shape=self.input_shape, grad_clip=self.grad_clip,
+                                   weight_decay=self.weight_decay)
         self.assessment_ = out
         return out
 
