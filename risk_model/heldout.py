@@ -119,8 +119,11 @@ def _baseline_scores(name, runs_tr, runs_te) -> np.ndarray:
     if name.startswith("v1"):
         import xgboost as xgb
 
-        cols = [c for c in runs_tr.columns if c.endswith(("_mean", "_max", "_min", "_std"))
-                and runs_tr[c].dtype.kind == "f"]
+        from featurize.schema import aggregate_names
+
+        # the profile aggregates only: suffix matching would also take lr_stable_max/lr_diverge_min,
+        # the per-model boundary, i.e. the label
+        cols = [c for c in aggregate_names() if c in runs_tr.columns]
 
         def X(r):
             base = r[cols].to_numpy(float)

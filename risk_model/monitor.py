@@ -179,7 +179,8 @@ class RiskMonitor:
             name = "adamw"
         self._optimizer_name = name
         if lr is None:
-            self.assumptions_.append("no learning rate given: P(divergence) is the config-free estimate")
+            self.assumptions_.append("no learning rate given: the answer is the largest safe learning rate "
+                                     "(with a predictor that has no critical-LR model: the config-free estimate)")
 
     # ------------------------------------------------------------------ pre-flight
     def bundle(self):
@@ -239,7 +240,7 @@ class RiskMonitor:
         ps = ", ".join(("config-free" if p["lr"] is None else f"lr {p['lr']:.3g}")
                        + f": P(divergence) {p['p_divergence']:.3f}" for p in res["predictions"])
         verdict = "at or above" if self.is_risky(res) else "below"
-        text = f"{ps} ({verdict} the threshold {self.threshold:g})"
+        text = f"{ps} ({verdict} the threshold {self.threshold:g})" if ps else "no learning rate given"
         if res.get("max_safe_lr") is not None:
             text += f"; largest safe learning rate {res['max_safe_lr']:.3g}"
         elif self.lr is not None:

@@ -176,7 +176,20 @@ def test_zoo_transformer_is_inside_the_training_domain():
 
 
 # ------------------------------------------------------------------ 3. probe seeds: same settings, spread shown
-def test_profile_and_predict_use_the_predictors_settings_and_average_probe_seeds():
+def _v1_bundle(tmp_path):
+    """The shipped bundle without its critical-LR model: the v1 predictors that average P over seeds."""
+    import shutil
+
+    out = tmp_path / "v1"
+    shutil.copytree(SHIPPED, out)
+    shutil.rmtree(out / "critical_lr", ignore_errors=True)
+    man = json.loads((out / "manifest.json").read_text())
+    man.pop("critical_lr", None)
+    (out / "manifest.json").write_text(json.dumps(man))
+    return out
+
+
+def test_profile_and_predict_use_the_predictors_settings_and_average_probe_seeds(tmp_path):
     import numpy as np
 
     import featurize
@@ -186,7 +199,7 @@ def test_profile_and_predict_use_the_predictors_settings_and_average_probe_seeds
 
     settings = json.loads((SHIPPED / "config_aware" / "metadata.json").read_text())["profile_settings"]
     prof_out = json.loads(invoke("profile", "example", "--json").stdout)
-    pred = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--json")
+    pred = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--json", "--predictor", _v1_bundle(tmp_path))
     assert pred.exit_code == 0, pred.output
     pred = json.loads(pred.stdout)
     # same network, same settings: the same profile in both commands
@@ -198,8 +211,9 @@ def test_profile_and_predict_use_the_predictors_settings_and_average_probe_seeds
     for s in range(3):
         prof = featurize.profile(example_model(), n_samples=settings["n_samples"], seed=s, rank=settings["rank"],
                                  kreiss_grid=settings["kreiss_grid"])
-        t = request_table(prof.aggregates, lrs=[1e-2, 3e-2], optimizer="adamw", warmup=20, batch_size=16,
-                          steps=120, d_model=64)
+        dflt = json.loads((SHIPPED / "config_aware" / "metadata.json").read_text())["config_defaults"]
+        t = request_table(prof.aggregates, lrs=[1e-2, 3e-2], optimizer="adamw", warmup=dflt["warmup"],
+                          batch_size=dflt["batch_size"], steps=dflt["steps"], d_model=64)
         ps.append(bundle.config_aware.predict_proba(t)[:, 1])
     ps = np.array(ps)
     got = pred["predictions"]

@@ -50,12 +50,15 @@ def test_check_is_what_risk_predict_says(tmp_path):
     assert [p["lr"] for p in got["predictions"]] == [3e-3]
 
 
-def test_check_without_lr_is_config_free_and_says_so():
+def test_check_without_lr_answers_the_largest_safe_lr_and_says_so():
     mon = RiskMonitor(tiny_model())
     res = mon.check()
-    assert [p["lr"] for p in res["predictions"]] == [None] and res["max_safe_lr"] is None
-    assert any("config-free" in a for a in mon.assumptions_)
-    assert "config-free" in mon.explain()
+    # the shipped predictor has a critical-LR model: no LR asked, the answer is max_safe_lr
+    assert res["predictions"] == [] and res["max_safe_lr"] > 0
+    lo, hi = res["max_safe_lr_interval"]
+    assert lo < res["max_safe_lr"] < hi
+    assert any("no learning rate given" in a for a in mon.assumptions_)
+    assert "largest safe learning rate" in mon.explain()
 
 
 def test_step_records_one_row_per_every_steps_with_the_profiles_numbers():

@@ -98,7 +98,8 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
     new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else todo.iloc[:0]
     table = pd.concat([have, new], ignore_index=True) if len(have) else new
     table = table[table["model_id"].isin(set(rows["model_id"]))].reset_index(drop=True)
-    write_parquet_atomic(table, path, "models")
+    if feats or len(table) != len(have):  # nothing new: leave the file as it is
+        write_parquet_atomic(table, path, "models")
     return table
 
 
