@@ -279,8 +279,23 @@ class RiskMonitor:
             aggs = prof.aggregates
             row.update({c: float(aggs.get(c, math.nan)) for c in _AGG_COLUMNS}, n_layers=aggs.get("n_layers"))
             if lr is None or lr > 0:  # a zero LR (start of warmup) cannot diverge: nothing to predict
-                res = assess(prof, bundle=self.bundle(), request=self._request(lr if lr is not None else self.lr))
-                row["p_divergence"] = res.predictions[0].p_divergence
+                bundle = self.bundle()
+                request = self._request(lr if lr is not None else self.lr)
+                if getattr(bundle, "critical_lr", None) is not None:
+                    # the same predictor as check(): init-time features of the current weights
+                    # (one forward and backward pass; gradients, mode and RNG are restored)
+                    from featurize import find_blocks
+
+                    from .init_features import init_features
+                    from .serve import assess_critical
+
+                    _, mods = find_blocks(self.model, self.blocks)
+                    init = init_features(self.model, blocks=mods)
+                    res = assess_critical(prof, init, bundle=bundle, request=request, n_layers=len(mods))
+                else:
+                    res = assess(prof, bundle=bundle, request=request)
+                if res.predictions:
+                    row["p_divergence"] = res.predictions[0].p_divergence
                 row["max_safe_lr"] = math.nan if res.max_safe_lr is None else res.max_safe_lr
         except Exception as e:  # noqa: BLE001 - a failed check must never stop the user's training run
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
