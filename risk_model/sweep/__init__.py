@@ -1,5 +1,6 @@
-"""Sweep harness: model zoo, synthetic tasks, labelled trainer and a resumable runner (DESIGN §7).
+"""Sweep harness: architectures, synthetic tasks, labelled trainer, learning-rate ladders and a
+resumable runner (``datasets/README.md`` describes the corpora it made).
 
-Kept import-light; import the submodules (``zoo``, ``tasks``, ``trainer``, ``spec``, ``runner``)
-where they are needed.
+Kept import-light; import the submodules (``archs``, ``tasks``, ``trainer``, ``spec``, ``ladder``,
+``runner``, ``model_table``) where they are needed. The model zoo is ``risk_model.zoo``.
 """
