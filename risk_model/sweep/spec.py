@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archs import ARCH_ARG_NAMES, FAMILIES, FAMILY_NORMS
+from .archs import ARCH_ARG_NAMES, FAMILIES, FAMILY_NORMS, HF_FAMILIES
 from .tasks import TASKS
 from risk_model.zoo import NORMS
 
@@ -146,12 +146,20 @@ def _single_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
 def _cross_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
     """Checks that relate two keys."""
     return [
         ("n_heads", cfg.d_model % cfg.n_heads == 0,
          f"must divide d_model={cfg.d_model}"),
         ("top_k", cfg.top_k <= cfg.n_experts, f"must be <= n_experts={cfg.n_experts}"),
+        ("family", cfg.family not in HF_FAMILIES or _has_transformers(),
+         "needs transformers: pip install -c constraints.txt 'divergence-risk[sweep]'"),
         ("norm", cfg.norm in FAMILY_NORMS[cfg.family],
          f"must be one of {', '.join(FAMILY_NORMS[cfg.family])} for family {cfg.family}"),
         ("seq_len", cfg.task != "assoc_recall" or cfg.seq_len >= 9,
