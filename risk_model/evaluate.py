@@ -363,7 +363,8 @@ def plot_roc(res: dict, path: Path, names: list[str] | None = None) -> Path:
     return path
 
 
-def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bins: int = ECE_BINS) -> Path:
+def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bins: int = ECE_BINS,
+                     title: str = "grouped-CV held-out probabilities") -> Path:
     y = res["y"]
     names = names or [r["name"] for r in res["table"][:2]]
     fig = _figure(figsize=(5.5, 6.5))
@@ -382,7 +383,7 @@ def plot_reliability(res: dict, path: Path, names: list[str] | None = None, n_bi
         axes[1].hist(p, bins=edges, histtype="step", label=name)
     axes[0].plot([0, 1], [0, 1], "k:", lw=0.8)
     axes[0].set_ylabel("observed divergence rate")
-    axes[0].set_title(f"Reliability ({n_bins} bins), grouped-CV held-out probabilities", fontsize=10)
+    axes[0].set_title(f"Reliability ({n_bins} bins), {title}", fontsize=10)
     axes[0].legend(fontsize=6, loc="upper left")
     axes[1].set_xlabel("predicted P(divergence)")
     axes[1].set_ylabel("runs")

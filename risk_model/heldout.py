@@ -19,6 +19,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from .evaluate import _fmt, auroc, brier, ece
+from .outputs import atomic_path
 from .threshold import FEATURE_GROUPS, OPTIMIZERS, CriticalLRModel, config_features, spectral_features
 
 ABLATION = {
@@ -57,23 +59,6 @@ def censored_bounds(nets: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     lo = nets["lr_stable_max"].fillna(0.0).to_numpy(float)
     hi = nets["lr_diverge_min"].fillna(np.inf).to_numpy(float)
     return lo, hi
-
-
-def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error, equal-width bins."""
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    tot = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            tot += m.sum() * abs(y[m].mean() - p[m].mean())
-    return float(tot / len(y))
-
-
-def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
 
 
 def _boot_ci(y, p, cluster, n_boot=1000, seed=0) -> tuple[float, float]:
@@ -191,12 +176,11 @@ def evaluate_heldout(nets: pd.DataFrame, runs: pd.DataFrame, *, threshold: float
     for name in names:
         p = oof[name]
         ci = _boot_ci(y, p, cluster, n_boot=n_boot)
-        pooled[name] = dict(auroc=auroc(y, p), auroc_ci=ci, ece=ece(y, p), brier=float(np.mean((p - y) ** 2)))
+        pooled[name] = dict(auroc=auroc(y, p), auroc_ci=ci, ece=ece(y, p), brier=brier(y, p))
         for fam in classes:
             m = fam_r == fam
             rows.append(dict(predictor=name, heldout=fam, runs=int(m.sum()), diverged=int(y[m].sum()),
-                             auroc=auroc(y[m], p[m]), ece=ece(y[m], p[m]),
-                             brier=float(np.mean((p[m] - y[m]) ** 2))))
+                             auroc=auroc(y[m], p[m]), ece=ece(y[m], p[m]), brier=brier(y[m], p[m])))
     lr_ok = {}
     for name in ablation:
         s = safe[name].to_numpy()
@@ -233,10 +217,6 @@ def paired_delta(y, p_a, p_b, cluster, n_boot=1000, seed=0) -> dict:
     return dict(delta=float(d0), ci=(float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))))
 
 
-def _fmt(v, nd=3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
-
-
 def report_markdown(res: dict, paired: dict) -> str:
     """The leave-one-class-out section of ``reports/evaluation.md``."""
     L = ["## Predictor v2: leave-one-architecture-class-out (corpus-v2)", "",
@@ -256,22 +236,39 @@ def report_markdown(res: dict, paired: dict) -> str:
     per = pd.DataFrame(res["per_class"])
     for name in res["pooled"]:
         row = per[per["predictor"] == name].set_index("heldout")
-        L.append(f"| {name} | " + " | ".join(_fmt(row.loc[c, "auroc"], 2) for c in res["classes"]) + " |")
+        L.append(f"| {name} | " + " | ".join(_fmt(row.loc[c, "auroc"], '.2f') for c in res["classes"]) + " |")
     L += ["", "**ECE per held-out class**", "",
           "| predictor | " + " | ".join(res["classes"]) + " |", "|---|" + "---|" * len(res["classes"])]
     for name in res["pooled"]:
         row = per[per["predictor"] == name].set_index("heldout")
-        L.append(f"| {name} | " + " | ".join(_fmt(row.loc[c, "ece"], 2) for c in res["classes"]) + " |")
+        L.append(f"| {name} | " + " | ".join(_fmt(row.loc[c, "ece"], '.2f') for c in res["classes"]) + " |")
     L += ["", f"**max_safe_lr (P < {res['threshold']:g}) on held-out networks**", "",
           "| feature groups | right | unsafe | median abs log10 error | right per class |", "|---|---|---|---|---|"]
     for name, m in res["max_safe_lr"].items():
-        pc = ", ".join(f"{c} {_fmt(v['right'], 2)}" for c, v in m["per_class"].items())
-        L.append(f"| {name} | {_fmt(m['right'], 2)} | {_fmt(m['unsafe'], 2)} | {_fmt(m['median_abs_log10_err'], 2)} | {pc} |")
+        pc = ", ".join(f"{c} {_fmt(v['right'], '.2f')}" for c, v in m["per_class"].items())
+        L.append(f"| {name} | {_fmt(m['right'], '.2f')} | {_fmt(m['unsafe'], '.2f')} | {_fmt(m['median_abs_log10_err'], '.2f')} | {pc} |")
     L += ["", "**What each group adds** (paired bootstrap over networks, same held-out predictions)", "",
           "| comparison | ΔAUROC [95% CI] |", "|---|---|"]
     for name, d in paired.items():
         L.append(f"| {name} | {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
     return "\n".join(L) + "\n"
+
+
+def load_networks(corpus_dir):
+    """``(networks, corpus)`` of a ladder corpus: ``network_table`` of every model whose rebuild
+    reproduced its stored initial loss (``models.parquet``, made or extended here), and the
+    ``corpus.Corpus`` (runs, hash, profile settings)."""
+    from pathlib import Path
+
+    from .corpus import load_corpus
+    from .sweep.model_table import build_model_table
+
+    corpus_dir = Path(corpus_dir)
+    models = build_model_table(corpus_dir, progress=False)
+    if "rebuild_ok" in models:
+        models = models[models["rebuild_ok"].astype(bool)]
+    nets = network_table(models, pd.read_parquet(corpus_dir / "layers.parquet"))
+    return nets, load_corpus([corpus_dir])
 
 
 def evaluate_ladder(corpus_dir, out_dir, *, threshold: float = 0.2, n_boot: int = 1000, seed: int = 0,
@@ -281,17 +278,11 @@ def evaluate_ladder(corpus_dir, out_dir, *, threshold: float = 0.2, n_boot: int 
     import json
     from pathlib import Path
 
-    from .corpus import load_corpus
-    from .sweep.model_table import build_model_table
+    from .evaluate import plot_reliability
 
-    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    models = build_model_table(corpus_dir, progress=False)
-    ok = set(models.loc[models["rebuild_ok"].astype(bool), "model_id"]) if "rebuild_ok" in models else set(models["model_id"])
-    layers = pd.read_parquet(corpus_dir / "layers.parquet")
-    runs = load_corpus([corpus_dir]).runs
-    nets = network_table(models, layers)
-    nets = nets[nets["model_id"].isin(ok)]
-    res = evaluate_heldout(nets, runs, threshold=threshold, n_boot=n_boot, progress=progress,
+    out_dir = Path(out_dir)
+    nets, corpus = load_networks(corpus_dir)
+    res = evaluate_heldout(nets, corpus.runs, threshold=threshold, n_boot=n_boot, progress=progress,
                            n_estimators=n_estimators, random_state=seed)
     y, cl = res["y"], res["cluster"]
     paired = {
@@ -306,37 +297,12 @@ def evaluate_ladder(corpus_dir, out_dir, *, threshold: float = 0.2, n_boot: int 
     summary = {k: res[k] for k in ("pooled", "max_safe_lr", "per_class", "classes", "n_networks", "n_runs",
                                    "threshold", "protocol")}
     summary["paired"] = paired
-    _atomic_write(out_dir / "heldout.md", md)
-    _atomic_write(out_dir / "heldout.json", json.dumps(summary, indent=2, default=float))
-    _reliability_png(y, res["oof"][FULL], out_dir / "heldout_reliability.png")
+    with atomic_path(out_dir / "heldout.md") as tmp:
+        tmp.write_text(md)
+    with atomic_path(out_dir / "heldout.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=float))
+    with atomic_path(out_dir / "heldout_reliability.png") as tmp:
+        plot_reliability(res, tmp, names=[FULL, "v1: monotone XGBoost"],
+                         title="Reliability, leave-one-architecture-class-out probabilities")
     res.update(paired=paired, markdown=md)
     return res
-
-
-def _atomic_write(path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _reliability_png(y, p, path) -> None:
-    import os
-
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4, 4))
-    ax = fig.add_subplot(111)
-    idx = np.minimum((p * 10).astype(int), 9)
-    xs = [p[idx == b].mean() for b in range(10) if (idx == b).any()]
-    ys = [y[idx == b].mean() for b in range(10) if (idx == b).any()]
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-    ax.plot(xs, ys, "o-", color="C3")
-    ax.set_xlabel("predicted P(divergence)")
-    ax.set_ylabel("observed divergence rate")
-    ax.set_title(f"held-out classes, ECE {ece(y, p):.3f}", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)

@@ -64,24 +64,12 @@ def train_critical_lr(corpus_dir, *, heldout: dict | None = None, evaluate: bool
     -------
     CriticalLRModel with ``metadata_``
     """
-    from pathlib import Path
-
-    import pandas as pd
-
-    from .corpus import load_corpus
-    from .heldout import ABLATION, FULL, censored_bounds, evaluate_heldout, network_table
-    from .sweep.model_table import build_model_table
+    from .heldout import ABLATION, FULL, censored_bounds, evaluate_heldout, load_networks
     from .threshold import FEATURE_GROUPS, OPTIMIZERS, CriticalLRModel
 
-    corpus_dir = Path(corpus_dir)
-    models = build_model_table(corpus_dir, progress=progress)
-    layers = pd.read_parquet(corpus_dir / "layers.parquet")
-    c = load_corpus([corpus_dir])
-    runs = c.runs
-    ok = set(models.loc[models.get("rebuild_ok", pd.Series(True, index=models.index)).astype(bool), "model_id"])
-    nets = network_table(models, layers)
-    nets = nets[~nets["dead_at_init"] & nets["model_id"].isin(ok)].reset_index(drop=True)
-    runs = runs[runs["model_id"].isin(set(nets["model_id"]))]
+    nets, c = load_networks(corpus_dir)
+    nets = nets[~nets["dead_at_init"]].reset_index(drop=True)
+    runs = c.runs[c.runs["model_id"].isin(set(nets["model_id"]))]
     if heldout is None and evaluate:
         heldout = evaluate_heldout(nets, runs, ablation={FULL: ABLATION[FULL]}, baselines=(), n_boot=200,
                                    n_estimators=n_estimators, random_state=seed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from risk_model.heldout import ece
+from risk_model.evaluate import ece
 from risk_model.init_features import init_features, param_group
 from risk_model.threshold import CriticalLRModel
 
