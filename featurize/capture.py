@@ -113,7 +113,8 @@ def _first_tensor(obj):
     return None
 
 
-def _context_length(model: nn.Module) -> int | None:
+def context_length(model: nn.Module) -> int | None:
+    """The context length a model declares in its config (n_positions, max_position_embeddings, …)."""
     cfg = getattr(model, "config", None)
     for key in ("n_positions", "max_position_embeddings", "block_size", "seq_len", "n_ctx"):
         val = getattr(cfg, key, None) if cfg is not None else None
@@ -145,7 +146,7 @@ def make_probe(
     gen = torch.Generator().manual_seed(seed)
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     if input_shape is None and emb is not None:
-        ctx = _context_length(model)
+        ctx = context_length(model)
         T = seq_len or min(64, ctx) if ctx else (seq_len or 64)
         B = math.ceil(n_samples / T)
         return torch.randint(0, emb.num_embeddings, (B, T), generator=gen)

@@ -447,7 +447,7 @@ def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batc
                                 batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
                                 inputs=inputs, input_shape=input_shape, probe_seeds=probe_seeds,
                                 grad_clip=grad_clip, weight_decay=weight_decay)
-    from risk_model.features import infer_width, training_domain_problem
+    from risk_model.features import infer_width
     from risk_model.serve import Request, assess
 
     from risk_model.serve import combine_probe_seeds, profile_settings
@@ -462,13 +462,21 @@ def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batc
                   batch_size=batch_size, steps=steps, threshold=threshold)
     res = combine_probe_seeds([assess(p, bundle=bundle, request=req) for p in profs], seeds)
     out = {"model": label, **res.to_dict(), "recommendation": recommendations(res)}
+    _flag_outside_domain(out, model_obj, bundle)
+    return out, prof
+
+
+def _flag_outside_domain(out: dict, model_obj, bundle) -> None:
+    """No confident advice for a network unlike anything in the training corpus: a warning first,
+    and the recommendation replaced."""
+    from risk_model.features import training_domain_problem
+
     problem = training_domain_problem(model_obj, bundle.metadata.get("families"))
-    if problem:  # no confident advice for a network unlike anything in the training corpus
+    if problem:
         out["warnings"].insert(0, f"outside the training domain: {problem}; P(divergence) and max_safe_lr are "
                                   "extrapolations, not measurements")
         out["recommendation"] = ["no advice: the network is outside the predictor's training domain; measure "
                                  "its stability directly (a short run at each candidate learning rate)"]
-    return out, prof
 
 
 def _print_assessment_v2(out: dict, prof, console) -> None:
@@ -540,7 +548,7 @@ def _assess_model_v2(model_obj, label, bundle, *, lrs, optimizer, warmup, batch_
     import numpy as np
 
     from featurize import CaptureError, find_blocks
-    from risk_model.features import infer_width, training_domain_problem
+    from risk_model.features import infer_width
     from risk_model.init_features import init_features
     from risk_model.serve import Request, assess_critical, dead_at_init, profile_settings
 
@@ -571,12 +579,8 @@ def _assess_model_v2(model_obj, label, bundle, *, lrs, optimizer, warmup, batch_
         res.probe_seeds = dict(seeds=seeds, max_safe_lr=[r.max_safe_lr for r in results],
                                p_divergence=[[p.p_divergence for p in r.predictions] for r in results])
     out = {"model": label, **res.to_dict(), "recommendation": recommendations_v2(res)}
-    problem = training_domain_problem(model_obj, bundle.metadata.get("families"))
-    if problem and res.dead_at_init is None:
-        out["warnings"].insert(0, f"outside the training domain: {problem}; P(divergence) and max_safe_lr are "
-                                  "extrapolations, not measurements")
-        out["recommendation"] = ["no advice: the network is outside the predictor's training domain; measure "
-                                 "its stability directly (a short run at each candidate learning rate)"]
+    if res.dead_at_init is None:  # dead at init is measured, not extrapolated
+        _flag_outside_domain(out, model_obj, bundle)
     return out, (profs[k] if profs else None)
 
 

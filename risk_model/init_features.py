@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from featurize.capture import context_length
+
 GROUPS = ("embed", "out", "hidden", "gain")
 _OUT = re.compile(r"(c_proj|o_proj|down_proj|out_proj|dense_4h_to_h|attention\.dense|fc2|\.w2|\.wo)"
                   r"(\.base|\.spline)?\.weight$")
@@ -59,15 +61,6 @@ def param_group(name: str, p: torch.Tensor, embed_ids: set[int]) -> str:
     if _OUT.search(name):
         return "out"
     return "hidden"
-
-
-def _context(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings", "block_size", "seq_len", "n_ctx"):
-        val = getattr(cfg, key, None) if cfg is not None else None
-        if isinstance(val, int) and val > 0:
-            return val
-    return None
 
 
 def _log10(x: float) -> float:
@@ -110,7 +103,7 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
         from featurize.capture import find_blocks
 
         _, blocks = find_blocks(model)
-    ctx = _context(model)
+    ctx = context_length(model)
     T = min(ctx, seq_len) if ctx else seq_len
     V = embeds[0].num_embeddings
     gen = torch.Generator().manual_seed(seed)

@@ -416,7 +416,7 @@ def assess_critical(prof, init: dict, *, bundle: PredictorBundle, request: Reque
 
     A network dead at init gets P = 1 at every LR and no max_safe_lr, without asking the model.
     """
-    from .threshold import config_features, spectral_features
+    from .threshold import SPECTRAL_COLUMNS, config_features, spectral_features
 
     model = bundle.critical_lr
     meta = getattr(model, "metadata_", {}) or {}
@@ -453,7 +453,7 @@ def assess_critical(prof, init: dict, *, bundle: PredictorBundle, request: Reque
     pick = lambda v, k, d: v if v is not None else defaults.get(k, d)  # noqa: E731
     rows = prof.rows if hasattr(prof, "rows") else prof.layers.to_dict("records")
     layers = {c: np.array([r.get(c, np.nan) for r in rows], dtype=float)
-              for c in ("m_exp", "m_near", "m_con", "rho", "kappa_v", "kreiss", "eta_nl", "reliable_fraction")}
+              for c in SPECTRAL_COLUMNS}
     layers["degenerate"] = np.array([bool(r.get("degenerate")) for r in rows])
     feats = spectral_features(layers)
     for k, v in init.items():
