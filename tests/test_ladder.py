@@ -4,8 +4,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from risk_model.sweep.archs import FAMILIES, FAMILY_NORMS, MambaConfig, Selectiv
 from risk_model.sweep.ladder import bracket, model_id, parse_ladder_spec, walk
 from risk_model.sweep.runner import load_corpus, run_sweep
 from risk_model.sweep.spec import RunConfig, SweepSpecError, make_config, run_id
+from sweep_proc import kill_after_parts, start_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 RUNGS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]
@@ -269,22 +268,8 @@ def test_sigkill_mid_ladder_sweep_loses_and_duplicates_nothing(tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text(TINY_LADDER.format(n=6, seed=3, steps=40))
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "risk_model.sweep", str(spec), "--out", str(out),
-                             "--json"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after_parts(start_sweep(spec, out), out)
     parts = out / "parts"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if len(list(parts.glob("*.runs.parquet"))) >= 2 or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "sweep finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     before = {p.name.split(".")[0]: pd.read_parquet(p) for p in parts.glob("*.runs.parquet")}
     assert 2 <= len(before) < 6
     summary = run_sweep(spec, out, progress=False)
@@ -320,10 +305,7 @@ def test_workers_die_with_a_killed_sweep(tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text(TINY_LADDER.format(n=8, seed=5, steps=200))
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "risk_model.sweep", str(spec), "--out", str(out),
-                             "--workers", "2", "--json"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_sweep(spec, out, "--workers", "2")
     try:
         deadline = time.time() + 300
         workers: set[int] = set()

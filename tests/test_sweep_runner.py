@@ -1,11 +1,6 @@
 """Sweep runner: resume after SIGKILL, Dask backend, refusal of foreign output, CLI errors."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +9,7 @@ import pytest
 
 from risk_model.sweep.runner import CorpusError, load_corpus, run_sweep
 from risk_model.sweep.spec import SweepSpecError
-
-REPO = Path(__file__).resolve().parent.parent
+from sweep_proc import kill_after_parts, start_sweep
 
 TINY_GRID = """
 [grid]
@@ -43,24 +37,8 @@ def write_spec(path: Path, n_runs: int, steps: int = 15, seed: int = 0) -> Path:
 def test_sigkill_mid_sweep_loses_nothing_and_duplicates_nothing(tmp_path):
     spec = write_spec(tmp_path / "s.toml", n_runs=8, steps=40)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "risk_model.sweep", str(spec), "--out", str(out), "--json"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    kill_after_parts(start_sweep(spec, out), out)
     parts = out / "parts"
-    deadline = time.time() + 300  # generous: the machine may be busy
-    try:
-        while time.time() < deadline:
-            if len(list(parts.glob("*.runs.parquet"))) >= 2 or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "sweep finished before it could be killed: make runs longer"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     # what had finished before the kill, read straight from the part files
     before = {}
     for p in parts.glob("*.runs.parquet"):
