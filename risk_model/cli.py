@@ -189,9 +189,12 @@ def _parse_shape(input_shape: Optional[str]) -> Optional[tuple[int, ...]]:
 
 
 def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples: Optional[int], seed: int,
-                     rank: Optional[int], inputs: Optional[Path], input_shape: Optional[str], probe_seeds: int = 1):
+                     rank: Optional[int], inputs: Optional[Path], input_shape: Optional[str], probe_seeds: int = 1,
+                     low_memory: Optional[bool] = None, device: str = "cpu", say=None):
     """`risk profile`: load a model file and profile it with probe seeds ``seed, seed + 1, …``, with a
-    progress bar. ``n_samples``/``rank`` None: the shipped predictor's settings (as `risk predict`)."""
+    progress bar. ``n_samples``/``rank`` None: the shipped predictor's settings (as `risk predict`).
+    Hugging Face directories are streamed block by block when ``low_memory`` (or, unset, when big:
+    ``risk_model.streaming``); ``say`` gets the cost estimate first."""
     from featurize import profile
     from risk_model.loading import load_model
     from risk_model.serve import profile_settings
@@ -203,13 +206,32 @@ def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples:
     _check_at_least(0, seed=seed, rank=rank)
     _check_at_least(1, probe_seeds=probe_seeds)
     shape = _parse_shape(input_shape)
-    model = load_model(model_path, trust_pickle=trust_pickle)
+    from risk_model import streaming
+
+    device = streaming.check_device(device)
+    seeds = list(range(seed, seed + probe_seeds))
+    kreiss_grid = settings.get("kreiss_grid") or None
+    if streaming.should_stream(model_path, low_memory):
+        if inputs is not None or shape is not None:
+            raise UsageError("--inputs and --input-shape do not apply to streamed token models; drop them or use --in-memory")
+        plan = streaming.plan_stream(model_path, blocks=blocks, n_samples=n_samples, n_seeds=len(seeds),
+                                     rank=rank or None, device=device)
+        if say is not None:
+            say(plan.describe())
+        bar = LazyProgress(delay=0.0)
+        try:
+            return streaming.run_stream(plan, seeds=seeds, blocks=blocks, n_samples=n_samples, rank=rank or None,
+                                        kreiss_grid=kreiss_grid, device=device, progress=bar)
+        finally:
+            bar.close()
+    streaming.check_in_memory(model_path)
+    model = load_model(model_path, trust_pickle=trust_pickle).to(device)
     bar = LazyProgress()
     try:
         with _one_blas_thread():
             return [profile(model, inputs, blocks=blocks, n_samples=n_samples, seed=s, rank=rank or None,
-                            input_shape=shape, kreiss_grid=settings.get("kreiss_grid") or None, progress=bar)
-                    for s in range(seed, seed + probe_seeds)]
+                            input_shape=shape, kreiss_grid=kreiss_grid, progress=bar)
+                    for s in seeds]
     finally:
         bar.close()
 
@@ -243,6 +265,11 @@ def profile_cmd(
     input_shape: Optional[str] = ShapeOpt,
     trust_pickle: bool = TrustOpt,
     probe_seeds: int = ProbeSeedsOpt,
+    low_memory: Optional[bool] = typer.Option(
+        None, "--low-memory/--in-memory", show_default=False,
+        help="Stream a Hugging Face directory block by block from its (sharded) safetensors in float32, "
+        "one block in memory at a time, or load it whole. Default: stream when its float32 weights exceed 256 MiB."),
+    device: str = typer.Option("cpu", "--device", help="Where the forward pass runs: cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each layer's eigenvalues."),
 ) -> None:
@@ -251,7 +278,8 @@ def profile_cmd(
     The table is that of --seed; the aggregates line shows their range over the probe seeds."""
     _check_output_path(plot, ".png")
     profs = load_and_profile(model, trust_pickle=trust_pickle, blocks=blocks, n_samples=n_samples, seed=seed,
-                             rank=rank, inputs=inputs, input_shape=input_shape, probe_seeds=probe_seeds)
+                             rank=rank, inputs=inputs, input_shape=input_shape, probe_seeds=probe_seeds,
+                             low_memory=low_memory, device=device, say=lambda m: typer.echo(m, err=True))
     prof = profs[0]
     spread = {k: [min(vals), max(vals)] for k in prof.aggregates
               if len(vals := [p.aggregates[k] for p in profs if p.aggregates.get(k) == p.aggregates.get(k)]) == len(profs)}

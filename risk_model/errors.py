@@ -26,6 +26,10 @@ class PredictorError(RiskError, ValueError):
     """A predictor artifact that cannot be used (missing files, other feature schema, bad input)."""
 
 
+class ResourceError(RiskError):
+    """Not enough memory or disk for the chosen path, found before starting; the message gives the estimate."""
+
+
 #: Optional extras of the package and the modules they bring (pyproject ``optional-dependencies``).
 EXTRAS = {"mlflow": "ml", "netcal": "ml", "transformers": "hf", "accelerate": "hf", "dask": "cluster",
           "distributed": "cluster", "lightning": "lightning"}

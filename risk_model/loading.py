@@ -3,31 +3,34 @@
 Accepted:
 - a zoo checkpoint: a dict ``{"model_args": {...}, "state_dict": {...}}`` read with
   ``torch.load(weights_only=True)``;
-- a Hugging Face model directory (``config.json`` + ``*.safetensors`` or ``pytorch_model.bin``),
-  built with ``transformers`` from the config, weights loaded without pickle;
+- a Hugging Face model directory (``config.json`` + ``*.safetensors``, single or sharded with
+  ``model.safetensors.index.json``, or ``pytorch_model.bin``), built with ``transformers`` from the
+  config in float32, weights loaded without pickle (``risk_model.checkpoint``); ``open_streaming``
+  gives the same model on the meta device with its weight source, for ``featurize.stream``;
+- a PEFT LoRA adapter directory over a local base model directory: the base with the adapter merged;
 - a whole pickled ``nn.Module`` (``torch.save(model)``) only with ``trust_pickle=True``: loading it
   runs arbitrary code.
 """
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
+from .checkpoint import Checkpoint, _torch_load, open_checkpoint
 from .errors import ModelLoadError
 
-__all__ = ["ModelLoadError", "load_model"]
+__all__ = ["Checkpoint", "ModelLoadError", "is_hf_dir", "load_model", "open_checkpoint", "open_streaming"]
 
 
 def _strip_compile_prefix(sd: dict) -> dict:
     return {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
 
 
-def _load_hf_dir(path: Path) -> nn.Module:
+def _import_transformers(path: Path):
     try:
         import transformers
     except ImportError as e:
@@ -37,48 +40,86 @@ def _load_hf_dir(path: Path) -> nn.Module:
             f"{path} is a Hugging Face model directory, which needs transformers, the optional extra 'hf': "
             f"{install_hint('hf')}"
         ) from e
+    return transformers
+
+
+def _hf_config(path: Path):
+    transformers = _import_transformers(path)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise ModelLoadError(f"{path}: cannot read config.json ({e.__class__.__name__}: {e})") from e
+
+
+def _build_hf(path: Path, config, *, empty: bool) -> nn.Module:
+    """The causal LM of ``config`` in float32 (whatever its ``torch_dtype``); ``empty``: parameters
+    on the meta device, buffers real (nothing allocated for the weights)."""
+    transformers = _import_transformers(path)
+    import contextlib
+
+    ctx = contextlib.nullcontext()
+    if empty:
+        try:
+            from accelerate import init_empty_weights
+        except ImportError as e:
+            from .errors import install_hint
+
+            raise ModelLoadError(f"streaming a Hugging Face model needs accelerate, in the extra 'hf': "
+                                 f"{install_hint('hf')}") from e
+        ctx = init_empty_weights(include_buffers=False)
+    try:
+        with ctx:
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
         raise ModelLoadError(f"{path}: cannot build a model from config.json ({e.__class__.__name__}: {e})") from e
-    st_files = sorted(path.glob("*.safetensors"))
-    if st_files:
-        from safetensors.torch import load_file
 
-        sd: dict = {}
-        for f in st_files:
-            try:
-                sd.update(load_file(str(f)))
-            except Exception as e:  # noqa: BLE001
-                raise ModelLoadError(f"{f} is not a readable safetensors file ({e.__class__.__name__})") from e
-    elif (path / "pytorch_model.bin").exists():
-        sd = _torch_load(path / "pytorch_model.bin")
-    else:
-        raise ModelLoadError(f"{path} has config.json but no weights (*.safetensors or pytorch_model.bin)")
-    missing, unexpected = model.load_state_dict(_strip_compile_prefix(sd), strict=False)
-    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if real_missing:
+
+def _skip_names(model: nn.Module) -> set[str]:
+    """Parameters of the output head: not needed for the residual stream, may be tied or absent."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return set()
+    ids = {id(p) for p in head.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _load_hf_dir(path: Path) -> nn.Module:
+    """A Hugging Face directory (or a PEFT adapter directory over a local base) as a float32 model."""
+    _import_transformers(path)
+    ckpt = open_checkpoint(path)
+    model = _build_hf(ckpt.model_dir, _hf_config(ckpt.model_dir), empty=False)
+    params = dict(model.named_parameters())
+    skip = _skip_names(model)
+    have = set(ckpt.names())
+    missing = [n for n in params if n not in have and n not in skip]
+    if missing:
         raise ModelLoadError(
-            f"{path}: weights do not match config.json ({len(real_missing)} missing, e.g. {real_missing[0]})"
+            f"{path}: weights do not match config.json ({len(missing)} missing, e.g. {missing[0]})"
         )
-    if hasattr(model, "tie_weights"):
+    with torch.no_grad():
+        for n, p in params.items():
+            if n in have:
+                p.copy_(ckpt.get(n))
+        for n, b in model.named_buffers():
+            if n in have:
+                b.copy_(ckpt.get(n))
+    if hasattr(model, "tie_weights") and not (skip & have):
         model.tie_weights()
     return model
 
 
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        if "Weights only load failed" in str(e):
-            raise
-        raise ModelLoadError(f"{path} is truncated or not a PyTorch file ({msg[:120]})") from e
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        if "Weights only load failed" in str(e) or "weights_only" in str(e):
-            raise
-        raise ModelLoadError(f"{path} is not a PyTorch checkpoint ({e.__class__.__name__})") from e
+def open_streaming(path: str | Path) -> tuple[nn.Module, "Checkpoint", set[str]]:
+    """A Hugging Face directory for ``featurize.stream.stream_profile``: the model built on the meta
+    device, its weight source and the names of the output head's parameters (never needed)."""
+    ckpt = open_checkpoint(Path(path))
+    model = _build_hf(ckpt.model_dir, _hf_config(ckpt.model_dir), empty=True)
+    return model, ckpt, _skip_names(model)
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (config.json) or a PEFT adapter directory (adapter_config.json)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "config.json").exists() or (path / "adapter_config.json").exists())
 
 
 EXAMPLE_PREFIX = "example"
@@ -120,7 +161,7 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
             str(path).startswith(EXAMPLE_PREFIX)) else ""
         raise ModelLoadError(f"{path}: no such file or directory{hint}")
     if path.is_dir():
-        if (path / "config.json").exists():
+        if is_hf_dir(path):
             return _load_hf_dir(path)
         if (path / "MLmodel").exists():
             raise ModelLoadError(f"{path} is an MLflow model directory: use its models:/ URI with `risk score`")
