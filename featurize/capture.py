@@ -306,6 +306,7 @@ def collect_snapshots(
 
         return hook
 
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # probe goes where the model is
     handles = [m.register_forward_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(mods)]
     was_training = model.training
     model.eval()
@@ -319,7 +320,7 @@ def collect_snapshots(
             state["sel"] = torch.as_tensor(idx)
             state["seen"] = set()
             try:
-                model(inputs[start:stop])
+                model(inputs[start:stop].to(device))
             except _StopForward:
                 pass
             except CaptureError:
