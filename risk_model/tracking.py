@@ -10,6 +10,9 @@ Everything here imports mlflow; ``risk predict`` with the shipped predictor neve
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -48,18 +51,45 @@ def artifact_root(uri: str) -> str | None:
     return db.parent.resolve().as_uri()
 
 
+#: Loggers whose INFO/WARNING chatter (store migrations, registry notices) our calls silence.
+_CHATTY = ("mlflow", "alembic")
+
+
+@contextlib.contextmanager
+def quiet_mlflow_logs():
+    """mlflow's and alembic's loggers at ERROR for the duration, then at the levels they had: the
+    caller's logging configuration is left as it was."""
+    loggers = [logging.getLogger(name) for name in _CHATTY]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _quiet(fn):
+    """Run ``fn`` inside ``quiet_mlflow_logs()``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with quiet_mlflow_logs():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
 def connect(uri: str | None = None, *, must_exist: bool = False) -> str:
     """Point mlflow's tracking and registry at ``uri`` (default ``tracking_uri()``); returns the URI.
 
     ``must_exist``: refuse a local sqlite store that is not there yet (reading commands must not
     create an empty registry as a side effect).
     """
-    import logging
-
     import mlflow
 
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.ERROR)
     uri = uri or tracking_uri()
     if must_exist and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise TrackingError(f"no MLflow registry at {uri} (set MLFLOW_TRACKING_URI, or run `risk train` first)")
@@ -68,6 +98,7 @@ def connect(uri: str | None = None, *, must_exist: bool = False) -> str:
     return uri
 
 
+@_quiet
 def setup(uri: str | None = None, experiment: str = EXPERIMENT) -> str:
     """``connect`` (creating the store if needed), create/select the experiment; return its id."""
     import mlflow
@@ -116,6 +147,7 @@ def should_promote(new: dict, old: dict | None) -> tuple[bool, str]:
     return False, f"held-out AUROC {na:.4f} vs champion {oa:.4f}, Brier {nb:.4f} vs {ob:.4f}: worse, champion kept"
 
 
+@_quiet
 def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict, corpus_hash: str,
                  files: list[Path], register: bool = True, promote: bool = False, uri: str | None = None,
                  name: str = MODEL_NAME) -> TrainRecord:
@@ -154,6 +186,7 @@ def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict
     return TrainRecord(run.info.run_id, info.model_uri, str(mv.version), ok, reason)
 
 
+@_quiet
 def log_evaluation(*, params: dict, metrics: dict, corpus_hash: str, files: list[Path], uri: str | None = None) -> str:
     """Log an evaluation run (``risk evaluate``); returns the run id."""
     import mlflow
@@ -177,6 +210,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     return m["name"], m["version"], m["alias"]
 
 
+@_quiet
 def resolve_version(uri: str, client=None):
     """The registry's ModelVersion for ``uri``; ``TrackingError`` for an unknown model/version/alias."""
     from mlflow import MlflowClient
@@ -195,6 +229,7 @@ def resolve_version(uri: str, client=None):
         raise TrackingError(f"{uri}: registered model {name!r} has no {what} (or does not exist)") from e
 
 
+@_quiet
 def load_pytorch_model(uri: str):
     """Load a registered MLflow PyTorch model (after checking its flavour)."""
     import mlflow
@@ -219,6 +254,7 @@ def load_pytorch_model(uri: str):
     return model, mv
 
 
+@_quiet
 def tag_version(mv, tags: dict, client=None) -> None:
     from mlflow import MlflowClient
 
@@ -227,6 +263,7 @@ def tag_version(mv, tags: dict, client=None) -> None:
         client.set_model_version_tag(mv.name, mv.version, k, str(v))
 
 
+@_quiet
 def all_versions(name: str, client=None) -> list[str]:
     """Every version of a registered model, as models:/NAME/VERSION URIs, oldest first."""
     from mlflow import MlflowClient
@@ -238,6 +275,7 @@ def all_versions(name: str, client=None) -> list[str]:
     return [f"models:/{name}/{v.version}" for v in sorted(vs, key=lambda v: int(v.version))]
 
 
+@_quiet
 def download_predictor(uri: str):
     """A registered divergence-risk pyfunc → (local predictor directory, registry version)."""
     import mlflow

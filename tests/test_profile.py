@@ -84,6 +84,17 @@ def test_rezero_blocks_are_flagged_degenerate():
     assert prof.layers["m_near"].eq(1.0).all()
 
 
+def test_profile_leaves_the_callers_torch_rng_as_it_found_it():
+    net = TinyLM()  # built before the state is taken
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    expected = torch.rand(3)
+    torch.set_rng_state(state)
+    profile(net, n_samples=128)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_blocks_found_in_hf_gpt2_and_llama_random_init():
     transformers = pytest.importorskip("transformers")
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=97, n_positions=64))

@@ -56,6 +56,26 @@ def trained(store, corpora):
     return store / "out1"
 
 
+def test_tracking_leaves_the_callers_log_levels_alone(store):
+    """Our calls quiet mlflow's and alembic's chatter while they run, and only then."""
+    import logging
+
+    loggers = [logging.getLogger("mlflow"), logging.getLogger("alembic")]
+    saved = [lg.level for lg in loggers]
+    try:
+        loggers[0].setLevel(logging.DEBUG)
+        loggers[1].setLevel(logging.INFO)
+        tracking.connect()
+        tracking.setup()
+        assert [lg.level for lg in loggers] == [logging.DEBUG, logging.INFO]
+        with tracking.quiet_mlflow_logs():
+            assert [lg.level for lg in loggers] == [logging.ERROR, logging.ERROR]
+        assert [lg.level for lg in loggers] == [logging.DEBUG, logging.INFO]
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
+
+
 def test_should_promote():
     assert tracking.should_promote({"auroc": 0.9, "brier": 0.05}, None)[0]
     assert tracking.should_promote({"auroc": 0.9, "brier": 0.05}, {"auroc": "0.9005", "brier": "0.049"})[0]
