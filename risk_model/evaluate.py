@@ -323,7 +323,7 @@ def evaluate_corpus(corpus, *, out_dir: str | Path | None = "reports", n_splits:
 WHEN = {"isotonic": "at init", "xgboost": "at init (+ config)", "m_near_reversed": "at init",
         "rho_max": "at init", "kappa_v_max": "at init",
         "xgboost_isotonic": "at init (+ config)", "xgboost_platt": "at init (+ config)",
-        "grad_norm_step1": "after step 1", "grad_norm_step100": "at step 100",
+        "grad_norm_step1": "at init (before any update)", "grad_norm_step100": "at step 100",
         "grad_norm_var_1_100": "through step 100", "loss_spikes_1_500": "through step 500 (run length)",
         "log_lr": "config only", "log_lr_norm": "config only"}
 

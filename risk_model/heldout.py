@@ -2,7 +2,7 @@
 
 For every architecture class (``family``) in turn, every predictor is fitted on the other classes'
 networks and scores the held-out class's runs. Reported per class and pooled over the held-out
-folds: AUROC [95% bootstrap CI over networks], ECE (10 equal-width bins), Brier on runs; for
+folds: AUROC [95% bootstrap CI over networks], ECE (``evaluate.ECE_BINS`` equal-width bins), Brier on runs; for
 ``max_safe_lr`` (at ``threshold``) the fraction of held-out networks whose prediction lies in
 [lr_stable_max / 2, lr_diverge_min) ("right"), the fraction at or above lr_diverge_min ("unsafe")
 and the median |log10 error| of the predicted median critical LR against the bracket's geometric
@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .evaluate import _fmt, auroc, brier, ece
+from .evaluate import ECE_BINS, _fmt, auroc, brier, ece
 from .outputs import atomic_path
 from .threshold import FEATURE_GROUPS, OPTIMIZERS, CriticalLRModel, config_features, spectral_features
 
@@ -199,6 +199,7 @@ def evaluate_heldout(nets: pd.DataFrame, runs: pd.DataFrame, *, threshold: float
                            median_abs_log10_err=float(np.nanmedian(err)), per_class=per)
     return dict(per_class=rows, pooled=pooled, max_safe_lr=lr_ok, oof=oof, y=y, cluster=cluster,
                 classes=classes, n_networks=int(len(nets)), n_runs=int(len(runs)), threshold=threshold,
+                n_boot=n_boot, ece_bins=ECE_BINS,
                 protocol="leave-one-architecture-class-out; every predictor fitted on the other classes")
 
 
@@ -223,7 +224,8 @@ def report_markdown(res: dict, paired: dict) -> str:
          f"{res['n_networks']} networks (not dead at init), {res['n_runs']} runs, {len(res['classes'])} "
          f"classes: {', '.join(res['classes'])}. Every predictor is fitted on the other classes' networks "
          "and scores the held-out class (for the critical-LR model, its out-of-fold calibration too). "
-         "AUROC 95% CI: percentile bootstrap over networks. ECE: 10 equal-width bins. "
+         f"AUROC 95% CI: percentile bootstrap over networks, {res['n_boot']} resamples. "
+         f"ECE: {res['ece_bins']} equal-width bins. "
          f"`max_safe_lr` at P = {res['threshold']:g}: *right* when in [lr_stable_max / 2, lr_diverge_min), "
          "*unsafe* when at or above lr_diverge_min; |log10 error| of the predicted median critical LR "
          "against the bracket's geometric mean.", "",
@@ -295,7 +297,7 @@ def evaluate_ladder(corpus_dir, out_dir, *, threshold: float = 0.2, n_boot: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     md = report_markdown(res, paired)
     summary = {k: res[k] for k in ("pooled", "max_safe_lr", "per_class", "classes", "n_networks", "n_runs",
-                                   "threshold", "protocol")}
+                                   "threshold", "n_boot", "ece_bins", "protocol")}
     summary["paired"] = paired
     with atomic_path(out_dir / "heldout.md") as tmp:
         tmp.write_text(md)

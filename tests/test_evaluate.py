@@ -96,6 +96,9 @@ def test_evaluation_report(result):
     md = (out / "evaluation.md").read_text()
     assert all(n in md for n in names)
     assert "100 resamples" in md and "1000 resamples" not in md  # the text follows the arguments used
+    step1 = next(line for line in md.splitlines() if line.startswith("| Gradient norm, step 1 |"))
+    assert step1.split("|")[2].strip() == "at init (before any update)"  # measured at the initial weights
+    assert "after step 1" not in md
     for png in ("roc.png", "reliability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     y = c.runs["diverged"].to_numpy()
