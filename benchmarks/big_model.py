@@ -9,7 +9,9 @@ Shapes (random weights, N(0, 0.02²), norms at 1; generated here tensor by tenso
 - ``gpt2``: GPT-2 124M (d = 768, 12 layers, vocab 50257), float32, one safetensors file, profiled both
   streamed and loaded whole.
 
-Each profile is a separate ``risk profile DIR --json`` process; its peak RSS comes from ``wait4``.
+Each checkpoint is written by a separate process, and each profile is a separate ``risk profile DIR
+--json`` process whose peak RSS comes from ``wait4`` (this script's own process stays small: a forked
+child starts with its parent's resident memory counted in its peak).
 Targets (issue 12, this 2-core machine): 7B shape ≤ 4 GB peak RSS and ≤ 20 min; GPT-2 124M ≤ 1 GB.
 
     python benchmarks/big_model.py [--shapes gpt2,1.1b,7b] [--n-samples 2048] [--probe-seeds 1] [--workdir DIR]
@@ -151,7 +153,14 @@ def main() -> None:
     ap.add_argument("--probe-seeds", type=int, default=1)
     ap.add_argument("--workdir", default=None, help="where checkpoints are generated (default: a temp dir)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--generate", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.generate:
+        name, path = args.generate
+        s = SHAPES[name]
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        print(make_llama(Path(path), s, progress=log) if s["arch"] == "llama" else make_gpt2(Path(path), s))
+        return
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -171,7 +180,11 @@ def main() -> None:
         try:
             print(f"{name}: generating {need / 1e9:.1f} GB in {path}", flush=True)
             t0 = time.perf_counter()
-            size = make_llama(path, s) if s["arch"] == "llama" else make_gpt2(path, s)
+            res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--generate", name, str(path)],
+                                 cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"{name}: generating the checkpoint failed")
+            size = int(res.stdout.strip().splitlines()[-1])
             gen_s = time.perf_counter() - t0
             modes = ["--low-memory", "--in-memory"] if name == "gpt2" else ["--low-memory"]
             runs = []

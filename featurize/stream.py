@@ -102,7 +102,7 @@ class StreamEstimate:
                 f"peak ≈ {self.peak_bytes / 1e9:.1f} GB above the process's current memory")
 
 
-def _matmul_gflops(device: str, dtype: torch.dtype, size: int = 768) -> float:
+def _matmul_gflops(device: str, dtype: torch.dtype, size: int = 1536) -> float:
     """GFLOP/s of a (size × size) @ (size × size) product on ``device``, best of three."""
     a = torch.randn(size, size, device=device, generator=None).to(dtype)
     best = math.inf

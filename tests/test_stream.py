@@ -79,7 +79,8 @@ def test_sharded_bf16_streams_like_the_model_in_memory(tmp_path):
     model = _save_bf16(_llama(), tmp_path, max_shard_size="60KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("*.safetensors"))) > 3
-    assert json.loads((tmp_path / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"  # the config says bf16
     truth = _in_memory(model)  # the original object, with the checkpoint's bf16 weights
     got, skeleton = _streamed(tmp_path)
     _assert_same(truth, got)
@@ -227,3 +228,19 @@ def test_cuda_without_gpu_is_one_line():
         pytest.skip("a CUDA device is present")
     res = _risk("profile", "example", "--device", "cuda")
     assert res.returncode == 1 and "no CUDA device" in res.stderr
+
+
+def test_not_enough_memory_is_refused_before_starting(sharded, monkeypatch, tmp_path):
+    """A machine with less memory than the estimate: one line with the estimate, before any work."""
+    from typer.testing import CliRunner
+
+    import featurize.capture
+    from risk_model.cli import app
+
+    monkeypatch.setattr(featurize.capture, "available_memory", lambda: 10**6)  # 1 MB left
+    plot = tmp_path / "p.png"
+    for mode, needle in (("--low-memory", "streaming needs about"), ("--in-memory", "available")):
+        res = CliRunner().invoke(app, ["profile", str(sharded), mode, "--plot", str(plot)])
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 1 and len(lines) == 1 and needle in lines[0] and "GB" in lines[0], res.stderr
+        assert not plot.exists()
