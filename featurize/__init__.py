@@ -16,7 +16,7 @@ from .schema import AGGREGATED, PROFILE_COLUMNS, aggregate
 _LAZY = {
     "CaptureError": "capture", "collect_snapshots": "capture", "find_blocks": "capture", "make_probe": "capture",
     "DMDResult": "dmd", "dmd": "dmd",
-    "SpectralProfile": "profile", "profile": "profile",
+    "SpectralProfile": "profile", "profile": "profile", "profile_seeds": "profile",
     "eigenvector_condition": "spectra", "kreiss_constant": "spectra", "spectral_masses": "spectra",
     "spectral_radius": "spectra",
 }

@@ -23,7 +23,18 @@ _LEAF_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Identity)
 
 
 def _is_block_like(m: nn.Module) -> bool:
-    return any(True for _ in m.children()) and not isinstance(m, _LEAF_TYPES)
+    """A composite module (one with children) or a parameter block (``_is_parameter_block``)."""
+    if isinstance(m, _LEAF_TYPES):
+        return False
+    return any(True for _ in m.children()) or _is_parameter_block(m)
+
+
+def _is_parameter_block(m: nn.Module) -> bool:
+    """A hand-written block: parameters or buffers of its own and no child modules (torch's own
+    layers, nn.Linear, nn.Conv1d, nn.RMSNorm, …, are not blocks)."""
+    if any(True for _ in m.children()) or type(m).__module__.startswith("torch."):
+        return False
+    return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
 
 
 def _get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -33,24 +44,90 @@ def _get_submodule(model: nn.Module, name: str) -> nn.Module:
         raise CaptureError(f"no submodule named {name!r} in {type(model).__name__}") from e
 
 
-def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[nn.Module]]:
+def _candidates(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """Every ``nn.ModuleList``/``nn.Sequential`` with its longest run of consecutive same-class,
+    block-like children."""
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            continue
+        run: list[nn.Module] = []
+        best_run: list[nn.Module] = []
+        for c in mod.children():
+            if run and type(c) is type(run[-1]) and _is_block_like(c):
+                run.append(c)
+            else:
+                run = [c] if _is_block_like(c) else []
+            if len(run) > len(best_run):
+                best_run = list(run)
+        if best_run:
+            out.append((name, best_run))
+    return out
+
+
+@torch.no_grad()
+def _shape_preserving(model: nn.Module, candidates: list, probe: torch.Tensor) -> list[bool] | None:
+    """Per candidate: whether each of its blocks was called by ``model(probe)`` and gave back the
+    shape it was given. None when the forward pass fails (nothing is learned then)."""
+    seen: dict[int, bool] = {}
+    blocks = {id(b): b for _, run in candidates for b in run}
+
+    def hook(module, args, kwargs, output):
+        if id(module) not in seen:
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            x, y = _first_tensor(x), _first_tensor(output)
+            seen[id(module)] = x is not None and y is not None and x.shape == y.shape
+        if len(seen) == len(blocks):
+            raise _StopForward
+
+    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in blocks.values()]
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model(probe.to(device))
+    except _StopForward:
+        pass
+    except (RuntimeError, ValueError, IndexError, TypeError):  # the model refused the probe: no shape information
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [all(seen.get(id(b), False) for b in run) for _, run in candidates]
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None, *,
+                probe: torch.Tensor | None = None) -> tuple[str, list[nn.Module]]:
     """The residual blocks of ``model`` and the dotted name of their container.
 
     Automatic discovery picks, among ``nn.ModuleList``/``nn.Sequential`` containers, the longest
-    run of consecutive children of one class that are themselves composite modules; the
-    shallowest container wins (so experts inside a block or heads inside attention never beat the
-    block list), then the longest. Works for our zoo (``blocks``), nanoGPT and HF GPT-2
-    (``transformer.h``), HF Llama (``model.layers``) and an ``nn.Sequential`` of blocks.
+    run of consecutive children of one class that are blocks: composite modules, or hand-written
+    modules that hold parameters or buffers but no child modules (raw ``nn.Parameter`` weights;
+    torch's own layers such as ``nn.Linear`` are not blocks). The shallowest container wins (so
+    experts inside a block or heads inside attention never beat the block list), then the longest,
+    then one of composite blocks. With ``probe`` (an input the model takes, e.g. one example) and
+    more than one candidate, one forward pass checks each candidate's blocks, and containers whose
+    blocks are all called and map the stream to the same shape win over the others. Works for our
+    zoo (``blocks``), nanoGPT and HF GPT-2 (``transformer.h``), HF Llama (``model.layers``) and an
+    ``nn.Sequential`` of blocks.
 
     Parameters
     ----------
     model : nn.Module
     blocks : str, optional
         Dotted name of the container to use instead (e.g. ``"transformer.h"``).
+    probe : Tensor, optional
+        Model input for the shape check (a single example is enough).
 
     Returns
     -------
     (name, list of modules)
+
+    Raises
+    ------
+    CaptureError : no candidate container; or, with ``probe``, none whose blocks keep the shape
     """
     if blocks is not None:
         container = _get_submodule(model, blocks)
@@ -58,32 +135,41 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[
         if not children:
             raise CaptureError(f"{blocks!r} has no child modules to use as blocks")
         return blocks, children
-    best: tuple[tuple[int, int], str, list[nn.Module]] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = list(mod.children())
-        run: list[nn.Module] = []
-        best_run: list[nn.Module] = []
-        for c in children:
-            if run and type(c) is type(run[-1]) and _is_block_like(c):
-                run.append(c)
-            else:
-                run = [c] if _is_block_like(c) else []
-            if len(run) > len(best_run):
-                best_run = list(run)
-        if not best_run:
-            continue
-        depth = name.count(".") + (1 if name else 0)
-        key = (-depth, len(best_run))
-        if best is None or key > best[0]:
-            best = (key, name, best_run)
-    if best is None:
+    found = _candidates(model)
+    if not found:
         raise CaptureError(
             f"no residual blocks found in {type(model).__name__}: "
             "name the container of the blocks with --blocks (e.g. transformer.h)"
         )
-    return best[1], best[2]
+    keys = [(-(name.count(".") + (1 if name else 0)), len(run), not _is_parameter_block(run[0]))
+            for name, run in found]
+    if probe is not None and len(found) > 1:
+        ok = _shape_preserving(model, found, probe)
+        if ok is not None:
+            if not any(ok):
+                raise CaptureError(
+                    f"no container of blocks in {type(model).__name__} maps the residual stream to the same shape "
+                    f"(candidates: {', '.join(name or '<model>' for name, _ in found)}): "
+                    "name the container of the blocks with --blocks"
+                )
+            keys = [(o, *k) for o, k in zip(ok, keys)]
+    best = max(range(len(found)), key=lambda i: keys[i])  # the first of equals, as named_modules lists them
+    return found[best]
+
+
+def discover_blocks(model: nn.Module, blocks: str | None = None, *, inputs: torch.Tensor | None = None,
+                    input_shape: tuple[int, ...] | None = None, seed: int = 0) -> tuple[str, list[nn.Module]]:
+    """``find_blocks`` with the shape check on one example of the probe: the first example of
+    ``inputs``, else of ``make_probe(model, seed=seed, input_shape=input_shape)`` (no check when
+    neither can be had; the capture's hook still refuses a block that changes the shape)."""
+    name, mods = find_blocks(model, blocks)
+    if blocks is not None or len(_candidates(model)) < 2:
+        return name, mods
+    try:
+        probe = inputs[:1] if inputs is not None else make_probe(model, 1, seed=seed, input_shape=input_shape)[:1]
+    except CaptureError:
+        return name, mods
+    return find_blocks(model, probe=probe)
 
 
 class _StopForward(Exception):
@@ -261,24 +347,70 @@ def collect_snapshots(
     -------
     Snapshots with ``X[l], Y[l]`` of shape (d, N).
     """
-    if n_samples < 2:
-        raise CaptureError(f"n_samples must be at least 2, got {n_samples}")
-    _, mods = find_blocks(model, blocks)
-    names = [f"{type(m).__name__}[{i}]" for i, m in enumerate(mods)]
-    B = inputs.shape[0]
+    return collect_snapshots_seeds(model, [inputs], [seed], blocks=blocks, n_samples=n_samples,
+                                   batch_size=batch_size, progress=progress)[0]
+
+
+def _states_per_example(inputs: torch.Tensor) -> int:
+    """Token states one example of ``inputs`` gives: T for token ids (B, T) or features
+    (B, T, d_in), 1 for feature vectors (B, d_in)."""
     tokens_per_example = int(np.prod(inputs.shape[1:2])) if inputs.ndim >= 2 else 1
-    # token ids (B, T) give T states per example; feature inputs (B, T, d_in) likewise
     if inputs.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16) and inputs.ndim == 2:
         tokens_per_example = 1
-    total = B * tokens_per_example
-    if total < n_samples:
-        raise CaptureError(f"probe holds {total} token states, fewer than n_samples={n_samples}")
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(total, size=n_samples, replace=False))
+    return tokens_per_example
 
-    store_x: list[list[torch.Tensor]] = [[] for _ in mods]
-    store_y: list[list[torch.Tensor]] = [[] for _ in mods]
-    state = {"sel": None, "seen": set()}
+
+@torch.no_grad()
+def collect_snapshots_seeds(
+    model: nn.Module,
+    probes: list[torch.Tensor],
+    seeds: list[int],
+    *,
+    blocks: "str | list[nn.Module] | None" = None,
+    n_samples: int = 2048,
+    batch_size: int = 16,
+    progress=None,
+) -> list[Snapshots]:
+    """``collect_snapshots(model, probes[k], seed=seeds[k])`` for every k, from one forward pass.
+
+    The probes (one per seed, of one shape, or the same tensor for every seed) are run together,
+    concatenated along the batch axis, in micro-batches of ``batch_size`` examples; each seed keeps
+    the token states of its own probe that ``collect_snapshots`` would draw for it, in the same
+    order, so the snapshots are the same. ``blocks``: the container's dotted name, the block
+    modules themselves, or None to discover them (``find_blocks``, shape-checked on one example).
+
+    Returns
+    -------
+    list of Snapshots, one per seed, with ``X[l], Y[l]`` of shape (d, N).
+    """
+    if n_samples < 2:
+        raise CaptureError(f"n_samples must be at least 2, got {n_samples}")
+    if len(probes) != len(seeds) or not seeds:
+        raise ValueError(f"need one probe per seed, got {len(probes)} probes and {len(seeds)} seeds")
+    if isinstance(blocks, (list, tuple)):
+        mods = list(blocks)
+    else:
+        _, mods = find_blocks(model, blocks, probe=None if blocks is not None else probes[0][:1])
+    names = [f"{type(m).__name__}[{i}]" for i, m in enumerate(mods)]
+    shared = all(p is probes[0] for p in probes)
+    if not shared and any(p.shape[1:] != probes[0].shape[1:] or p.dtype != probes[0].dtype for p in probes):
+        raise ValueError("the probes of one pass need one per-example shape and dtype")
+    inputs = probes[0] if shared else torch.cat(probes)  # (sum B, T, ...)
+    tokens_per_example = _states_per_example(inputs)
+    chosen = []  # per seed: sorted indices into the flat token states of `inputs`
+    offset = 0
+    for probe, seed in zip(probes, seeds):
+        total = probe.shape[0] * tokens_per_example
+        if total < n_samples:
+            raise CaptureError(f"probe holds {total} token states, fewer than n_samples={n_samples}")
+        rng = np.random.default_rng(seed)
+        chosen.append(np.sort(rng.choice(total, size=n_samples, replace=False)) + offset)
+        offset += 0 if shared else total
+    B = inputs.shape[0]
+
+    store_x: list[list[list[torch.Tensor]]] = [[[] for _ in mods] for _ in seeds]  # [seed][layer]
+    store_y: list[list[list[torch.Tensor]]] = [[[] for _ in mods] for _ in seeds]
+    state = {"sel": [], "seen": set()}
     last = len(mods) - 1
 
     def make_hook(i: int):
@@ -295,14 +427,13 @@ def collect_snapshots(
                 )
             xf = x.reshape(-1, x.shape[-1])  # (b*T, d)
             yf = y.reshape(-1, y.shape[-1])  # (b*T, d)
-            sel = state["sel"]
             keep = torch.promote_types(xf.dtype, torch.float32)  # half precision → float32; float64 stays
-            store_x[i].append(xf[sel].detach().to(keep).cpu())  # float64 per layer at the end
-            store_y[i].append(yf[sel].detach().to(keep).cpu())
+            for k, sel in state["sel"]:
+                store_x[k][i].append(xf[sel].detach().to(keep).cpu())  # float64 per layer at the end
+                store_y[k][i].append(yf[sel].detach().to(keep).cpu())
             state["seen"].add(i)
             if i == last and len(state["seen"]) == len(mods):
                 raise _StopForward
-
 
         return hook
 
@@ -314,10 +445,11 @@ def collect_snapshots(
         for start in range(0, B, batch_size):
             stop = min(B, start + batch_size)
             lo, hi = start * tokens_per_example, stop * tokens_per_example
-            idx = chosen[(chosen >= lo) & (chosen < hi)] - lo
-            if idx.size == 0:
+            sels = [(k, c[(c >= lo) & (c < hi)] - lo) for k, c in enumerate(chosen)]
+            sels = [(k, torch.as_tensor(idx)) for k, idx in sels if idx.size]
+            if not sels:
                 continue
-            state["sel"] = torch.as_tensor(idx)
+            state["sel"] = sels
             state["seen"] = set()
             try:
                 model(inputs[start:stop].to(device))
@@ -338,17 +470,20 @@ def collect_snapshots(
         for h in handles:
             h.remove()
         model.train(was_training)
-    X, Y = [], []
-    for i, name in enumerate(names):
-        if not store_x[i]:
-            raise CaptureError(f"block {name} was never called in the forward pass")
-        x = torch.cat(store_x[i]).T.double().numpy()  # (d, N)
-        y = torch.cat(store_y[i]).T.double().numpy()  # (d, N)
-        if not (np.isfinite(x).all() and np.isfinite(y).all()):
-            raise CaptureError(
-                f"non-finite activations at initialization in block {name}: "
-                "the network already overflows; check its init scale"
-            )
-        X.append(x)
-        Y.append(y)
-    return Snapshots(names=names, X=X, Y=Y)
+    out = []
+    for k in range(len(seeds)):
+        X, Y = [], []
+        for i, name in enumerate(names):
+            if not store_x[k][i]:
+                raise CaptureError(f"block {name} was never called in the forward pass")
+            x = torch.cat(store_x[k][i]).T.double().numpy()  # (d, N)
+            y = torch.cat(store_y[k][i]).T.double().numpy()  # (d, N)
+            if not (np.isfinite(x).all() and np.isfinite(y).all()):
+                raise CaptureError(
+                    f"non-finite activations at initialization in block {name}: "
+                    "the network already overflows; check its init scale"
+                )
+            X.append(x)
+            Y.append(y)
+        out.append(Snapshots(names=names, X=X, Y=Y))
+    return out

@@ -15,7 +15,8 @@ from .dmd import dmd
 from .schema import AGGREGATED, CAP, DEGENERATE_UPDATE, EXPANSIVE, NEAR_LOW, PROFILE_COLUMNS, aggregate
 from .spectra import eigenvector_condition, kreiss_constant, spectral_masses, spectral_radius
 
-__all__ = ["AGGREGATED", "PROFILE_COLUMNS", "SpectralProfile", "layer_stats", "profile", "profile_snapshots"]
+__all__ = ["AGGREGATED", "PROFILE_COLUMNS", "SpectralProfile", "layer_stats", "profile", "profile_seeds",
+           "profile_snapshots"]
 
 
 def parse_kreiss_grid(grid: "tuple[int, int] | str | None") -> tuple[int, int] | None:
@@ -198,16 +199,40 @@ class SpectralProfile:
 
 def profile_snapshots(
     snaps: "_capture.Snapshots", *, rank: int | None = 32, seed: int = 0, progress=None,
-    meta: dict | None = None, kreiss_grid: "tuple[int, int] | str | None" = None,
+    meta: dict | None = None, kreiss_grid: "tuple[int, int] | str | None" = None, workers: int = 1,
 ) -> SpectralProfile:
-    """Profile already-collected snapshots (one row per layer)."""
-    rows = []
-    for i, (name, X, Y) in enumerate(zip(snaps.names, snaps.X, snaps.Y)):
-        row = layer_stats(X, Y, rank=rank, seed=seed, kreiss_grid=kreiss_grid)
-        rows.append(dict(layer=i, name=name, **row))
-        if progress is not None:
-            progress(i + 1)
-    return SpectralProfile.from_rows(rows, meta=meta)
+    """Profile already-collected snapshots (one row per layer); ``workers`` threads share the layers."""
+    rows = _layer_rows([(snaps, seed)], rank=rank, kreiss_grid=kreiss_grid, workers=workers, progress=progress)
+    return SpectralProfile.from_rows(rows[0], meta=meta)
+
+
+def _layer_rows(jobs: list, *, rank: int | None, kreiss_grid, workers: int = 1, progress=None) -> list[list[dict]]:
+    """``layer_stats`` of every layer of every ``(snapshots, seed)`` in ``jobs``: one list of rows per
+    job. With ``workers`` > 1 the layers are shared among that many threads (the linear algebra
+    releases the GIL); each layer's numbers do not depend on it. ``progress(done)`` counts layers."""
+    tasks = [(j, i, name, X, Y, seed) for j, (snaps, seed) in enumerate(jobs)
+             for i, (name, X, Y) in enumerate(zip(snaps.names, snaps.X, snaps.Y))]
+
+    def one(task):
+        j, i, name, X, Y, seed = task
+        return dict(layer=i, name=name, **layer_stats(X, Y, rank=rank, seed=seed, kreiss_grid=kreiss_grid))
+
+    rows: list[list[dict]] = [[] for _ in jobs]
+    if workers > 1 and len(tasks) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            results = pool.map(one, tasks)
+            for done, (task, row) in enumerate(zip(tasks, results), 1):
+                rows[task[0]].append(row)
+                if progress is not None:
+                    progress(done)
+    else:
+        for done, task in enumerate(tasks, 1):
+            rows[task[0]].append(one(task))
+            if progress is not None:
+                progress(done)
+    return rows
 
 
 def profile(
@@ -250,31 +275,83 @@ def profile(
     >>> prof = profile(model)                                   # doctest: +SKIP
     >>> prof.aggregates["m_near_mean"]                          # doctest: +SKIP
     """
+    return profile_seeds(model, inputs, seeds=[seed], blocks=blocks, n_samples=n_samples, rank=rank,
+                         input_shape=input_shape, kreiss_grid=kreiss_grid, progress=progress)[0]
+
+
+def profile_seeds(
+    model: nn.Module,
+    inputs: torch.Tensor | str | Path | None = None,
+    *,
+    seeds: "list[int]",
+    blocks: str | None = None,
+    n_samples: int = 2048,
+    rank: int | None = 32,
+    input_shape: tuple[int, ...] | None = None,
+    kreiss_grid: "tuple[int, int] | str | None" = None,
+    progress=None,
+    workers: int = 1,
+) -> list[SpectralProfile]:
+    """``[profile(model, inputs, seed=s, ...) for s in seeds]`` from one forward pass.
+
+    The seeds' probes are concatenated along the batch axis and run together; each seed keeps its
+    own token states and its own snapshots, so every profile is the one ``profile`` gives for that
+    seed. When the capture of all seeds at once would not fit in memory, the seeds are profiled one
+    after the other instead.
+
+    Parameters
+    ----------
+    seeds : list of int
+        Probe seeds (each seeds its probe, its token-state sample and its randomized DMD).
+    workers : int, default 1
+        Threads for the per-layer spectra (DMD, Kreiss constant); the numbers do not depend on it.
+        Each thread's torch calls use torch's own threads too: with ``workers`` > 1, set
+        ``torch.set_num_threads(1)`` around the call.
+    Other parameters : as ``profile``.
+
+    Returns
+    -------
+    list of SpectralProfile, one per seed, in the order of ``seeds``.
+    """
     if n_samples < 2:
         raise _capture.CaptureError(f"n_samples must be at least 2, got {n_samples}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("need at least one probe seed")
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
-        torch.manual_seed(seed)
-        return _profile(model, inputs, blocks=blocks, n_samples=n_samples, seed=seed, rank=rank,
-                        input_shape=input_shape, kreiss_grid=kreiss_grid, progress=progress)
+        return _profile(model, inputs, blocks=blocks, n_samples=n_samples, seeds=seeds, rank=rank,
+                        input_shape=input_shape, kreiss_grid=kreiss_grid, progress=progress, workers=workers)
 
 
-def _profile(model, inputs, *, blocks, n_samples, seed, rank, input_shape, kreiss_grid, progress):
-    name, mods = _capture.find_blocks(model, blocks)
+def _profile(model, inputs, *, blocks, n_samples, seeds, rank, input_shape, kreiss_grid, progress, workers):
+    _capture.find_blocks(model, blocks)  # no blocks at all: said before anything else
     if isinstance(inputs, (str, Path)):
         inputs = _capture.load_probe(inputs)
-    _capture.check_capture_memory(model, n_samples, len(mods), input_shape=input_shape,
-                                  inputs=inputs if isinstance(inputs, torch.Tensor) else None)
-    if inputs is None:
-        inputs = _capture.make_probe(model, n_samples, seed=seed, input_shape=input_shape)
-    B = inputs.shape[0]
-    snaps = _capture.collect_snapshots(
-        model, inputs, blocks=blocks, n_samples=n_samples, seed=seed,
-        progress=(lambda done: progress("forward", done, B)) if progress else None,
-    )
-    L = len(snaps.names)
-    return profile_snapshots(
-        snaps, rank=rank, seed=seed, kreiss_grid=kreiss_grid,
-        progress=(lambda done: progress("spectra", done, L)) if progress else None,
-        meta=dict(blocks=name, n_samples=n_samples, seed=seed, rank=rank,
-                  width=int(snaps.X[0].shape[0]) if snaps.X else None),
-    )
+    given = inputs if isinstance(inputs, torch.Tensor) else None
+    name, mods = _capture.discover_blocks(model, blocks, inputs=given, input_shape=input_shape, seed=seeds[0])
+    groups = [seeds]
+    if len(seeds) > 1:
+        try:  # all seeds' token states at once
+            _capture.check_capture_memory(model, n_samples * len(seeds), len(mods), input_shape=input_shape,
+                                          inputs=given)
+        except _capture.CaptureError:  # one seed at a time, each checked on its own
+            groups = [[s] for s in seeds]
+    profs = []
+    for group in groups:
+        torch.manual_seed(group[0])  # inside profile_seeds' fork_rng
+        if len(group) == 1:
+            _capture.check_capture_memory(model, n_samples, len(mods), input_shape=input_shape, inputs=given)
+        probes = [given if given is not None else
+                  _capture.make_probe(model, n_samples, seed=s, input_shape=input_shape) for s in group]
+        B = sum(p.shape[0] for p in probes) if given is None else given.shape[0]
+        snaps = _capture.collect_snapshots_seeds(
+            model, probes, group, blocks=mods, n_samples=n_samples,
+            progress=(lambda done: progress("forward", done, B)) if progress else None,
+        )
+        L = sum(len(s.names) for s in snaps)
+        rows = _layer_rows(list(zip(snaps, group)), rank=rank, kreiss_grid=kreiss_grid, workers=workers,
+                           progress=(lambda done: progress("spectra", done, L)) if progress else None)
+        profs += [SpectralProfile.from_rows(r, meta=dict(blocks=name, n_samples=n_samples, seed=s, rank=rank,
+                                                         width=int(sn.X[0].shape[0]) if sn.X else None))
+                  for r, sn, s in zip(rows, snaps, group)]
+    return profs

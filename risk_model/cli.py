@@ -5,6 +5,7 @@ Heavy libraries (mlflow, xgboost, matplotlib, transformers) are imported inside 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -357,31 +358,50 @@ def _load_predictor(predictor: Optional[str]):
     return load_bundle(Path(predictor) if predictor else None)
 
 
-def _profile_for(model_obj, bundle, *, blocks, inputs, input_shape, seed=None):
-    """Profile with the settings the predictor's training corpus was profiled with (``seed``: the
-    probe seed, default the corpus's)."""
-    import torch
-
-    from featurize import profile
+def _profile_for(model_obj, bundle, *, blocks, inputs, input_shape, seeds):
+    """Profiles for the probe ``seeds``, with the settings the predictor's training corpus was
+    profiled with, from one forward pass; the per-layer spectra share the machine's cores. Call it
+    inside ``_single_threaded()``."""
+    from featurize import profile_seeds
     from risk_model.serve import profile_settings
 
     settings = profile_settings(bundle)
-    if seed is not None:
-        settings["seed"] = seed
     shape = _parse_shape(input_shape)
     bar = LazyProgress()
+    try:
+        return profile_seeds(model_obj, inputs, seeds=list(seeds), blocks=blocks,
+                             n_samples=int(settings.get("n_samples", 2048)), rank=settings.get("rank", 32) or None,
+                             input_shape=shape, kreiss_grid=settings.get("kreiss_grid") or None, progress=bar,
+                             workers=_cores())
+    finally:
+        bar.close()
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _single_threaded():
+    """torch and BLAS on one thread each for the duration, as they were after. The per-layer
+    matrices are small (d × N): one thread per computation is faster than several, and far faster
+    on a shared machine (measured: 7 s vs 20 s for d=256, L=6 on 2 busy cores); the layers are
+    shared among the cores instead (``profile_seeds(workers=...)``)."""
+    import torch
+
     threads = torch.get_num_threads()
-    # per-layer matrices are small (d × N): one torch thread is faster than several, and far faster
-    # on a shared machine (measured: 7 s vs 20 s for d=256, L=6 on 2 busy cores)
     torch.set_num_threads(1)
     try:
         with _one_blas_thread():
-            return profile(model_obj, inputs, blocks=blocks, n_samples=int(settings.get("n_samples", 2048)),
-                           seed=int(settings.get("seed", 0)), rank=settings.get("rank", 32) or None,
-                           input_shape=shape, kreiss_grid=settings.get("kreiss_grid") or None, progress=bar)
+            yield
     finally:
         torch.set_num_threads(threads)
-        bar.close()
 
 
 def _one_blas_thread():
@@ -482,8 +502,8 @@ def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batc
 
     seed0 = int(profile_settings(bundle)["seed"])
     seeds = [seed0 + i for i in range(probe_seeds)]
-    profs = [_profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape, seed=s)
-             for s in seeds]
+    with _single_threaded():
+        profs = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape, seeds=seeds)
     prof = profs[0]
     width = infer_width(model_obj) or prof.meta.get("width")  # the residual stream's width as profiled
     req = Request(lrs=list(lrs), width=width, optimizer=optimizer, warmup=warmup,
@@ -575,25 +595,28 @@ def _assess_model_v2(model_obj, label, bundle, *, lrs, optimizer, warmup, batch_
     profile per probe seed, the critical-LR model; the result with the median max_safe_lr over seeds."""
     import numpy as np
 
-    from featurize import CaptureError, find_blocks
+    from featurize import CaptureError
+    from featurize.capture import discover_blocks, load_probe
     from risk_model.features import infer_width
     from risk_model.init_features import init_features
     from risk_model.serve import Request, assess_critical, dead_at_init, profile_settings
 
-    _, mods = find_blocks(model_obj, blocks)
-    init = init_features(model_obj, blocks=mods)
     seed0 = int(profile_settings(bundle)["seed"])
     seeds = [seed0 + i for i in range(probe_seeds)]
     profs = []
-    if dead_at_init(init) is None:
-        profs = [_profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape, seed=s)
-                 for s in seeds]
-    else:  # dead: one profile for the record if the activations allow it
-        try:
-            profs = [_profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape,
-                                  seed=seed0)]
-        except CaptureError:
-            profs = []
+    with _single_threaded():
+        _, mods = discover_blocks(model_obj, blocks, inputs=load_probe(inputs) if inputs is not None else None,
+                                  input_shape=_parse_shape(input_shape), seed=seed0)  # the blocks the profile finds
+        init = init_features(model_obj, blocks=mods)
+        if dead_at_init(init) is None:
+            profs = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape,
+                                 seeds=seeds)
+        else:  # dead: one profile for the record if the activations allow it
+            try:
+                profs = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape,
+                                     seeds=[seed0])
+            except CaptureError:
+                profs = []
     width = infer_width(model_obj) or (profs[0].meta.get("width") if profs else None)
     req = Request(lrs=list(lrs), width=width, optimizer=optimizer, warmup=warmup, batch_size=batch_size,
                   steps=steps, threshold=threshold, grad_clip=grad_clip, weight_decay=weight_decay)
@@ -644,7 +667,8 @@ def predict_cmd(
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
     bundle = _load_predictor(predictor)
-    model_obj = load_model(model, trust_pickle=trust_pickle)
+    with _single_threaded():  # copying the weights in: a second torch thread only waits on a busy machine
+        model_obj = load_model(model, trust_pickle=trust_pickle)
     for name, v in (("--clip", clip), ("--weight-decay", weight_decay)):
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise UsageError(f"{name} must be a number >= 0, got {v}")
