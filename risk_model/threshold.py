@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featurize.schema import aggregate
+
 from .init_features import GROUPS as PARAM_GROUPS
 from .init_features import forward_feature_names
 
@@ -74,24 +76,19 @@ def spectral_features(layers) -> dict[str, float]:
     """Spectral group of one network from its per-layer profile (a DataFrame or dict of arrays in
     depth order): mean/max/min over the non-degenerate layers and the mean over each third of depth
     (relative depth, so networks of different depth compare)."""
+    agg = aggregate(layers, columns=SPECTRAL_COLUMNS)  # mean/max/min over the non-degenerate layers
     deg = np.asarray(layers["degenerate"], dtype=bool)
     n = deg.shape[0]
-    use = ~deg if (~deg).any() else np.ones(n, dtype=bool)
-    out: dict[str, float] = {}
     idx = np.arange(n)
     thirds = np.array_split(idx, 3) if n >= 3 else [idx, idx, idx]
+    out: dict[str, float] = {}
     for c in SPECTRAL_COLUMNS:
+        for stat in ("mean", "max", "min"):
+            out[f"{c}_{stat}"] = agg[f"{c}_{stat}"]
         v = np.asarray(layers[c], dtype=float) if c in layers else np.full(n, np.nan)
-        v = np.where(np.isfinite(v), v, np.nan)
-        u = v[use]
-        with np.errstate(all="ignore"):
-            ok = u[np.isfinite(u)]
-            out[f"{c}_mean"] = float(ok.mean()) if ok.size else math.nan
-            out[f"{c}_max"] = float(ok.max()) if ok.size else math.nan
-            out[f"{c}_min"] = float(ok.min()) if ok.size else math.nan
-            for t, part in zip(THIRDS, thirds):
-                w = v[part][np.isfinite(v[part])]
-                out[f"{c}_{t}"] = float(w.mean()) if w.size else math.nan
+        for t, part in zip(THIRDS, thirds):  # every layer of the third, degenerate or not
+            w = v[part][np.isfinite(v[part])]
+            out[f"{c}_{t}"] = float(w.mean()) if w.size else math.nan
     for c in ("kappa_v", "kreiss"):  # heavy-tailed: compare orders of magnitude
         for k in [k for k in out if k.startswith(c + "_")]:
             out[k] = math.log10(out[k]) if out[k] > 0 else math.nan
