@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import PredictorError
 from .features import request_table
+from .labels import GRAD_LIMIT, LOSS_LIMIT, divergence_reason  # the label, as the sweep trainer applies it
 from .predictor import FORMAT, FORMAT_VERSION, load_predictor, predictor_method, save_predictor
 
 #: Risk bands on P(divergence): below 0.2 low, below 0.5 medium, else high.
@@ -368,26 +369,22 @@ def combine_probe_seeds(results: list[Assessment], seeds: list[int]) -> Assessme
 #: requested LR is an extrapolation
 LR_CURVE = np.logspace(-6, 1, 71)
 LR_RANGE = (1e-6, 10.0)
-#: the divergence label's limits (the sweep trainer's): over them at the initial weights = dead at init
-LOSS_LIMIT, GRAD_LIMIT = 50.0, 500.0
 
 
 def dead_at_init(init: dict) -> dict | None:
     """The dead-at-init verdict from the probe's initial loss and gradient norm (``init_features``),
-    or None: loss > 50, gradient norm > 500, or either non-finite, before any update."""
+    or None: the divergence label (``labels.divergence_reason``) met before any update."""
     loss, gn = init.get("init_loss", math.nan), init.get("grad_norm", math.nan)
     if loss is None or gn is None:
         return None
     if (isinstance(loss, float) and math.isnan(loss)) and (isinstance(gn, float) and math.isnan(gn)):
         return None  # no LM head: nothing measured
-    if not (math.isfinite(loss) and math.isfinite(gn)):
-        reason = "non-finite loss or gradient at the initial weights"
-    elif loss > LOSS_LIMIT:
-        reason = f"initial loss {loss:.3g} > {LOSS_LIMIT:g}"
-    elif gn > GRAD_LIMIT:
-        reason = f"initial gradient norm {gn:.3g} > {GRAD_LIMIT:g}"
-    else:
+    why = divergence_reason(loss, gn)
+    if why is None:
         return None
+    reason = {"nonfinite": "non-finite loss or gradient at the initial weights",
+              "loss": f"initial loss {loss:.3g} > {LOSS_LIMIT:g}",
+              "grad_norm": f"initial gradient norm {gn:.3g} > {GRAD_LIMIT:g}"}[why]
     return {"loss": loss if math.isfinite(loss) else None, "grad_norm": gn if math.isfinite(gn) else None,
             "reason": reason}
 

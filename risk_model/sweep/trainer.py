@@ -37,8 +37,7 @@ from .spec import RunConfig, config_id, run_id
 from .archs import build_network, logits_of
 from .tasks import make_task
 
-LOSS_LIMIT = 50.0
-GRAD_LIMIT = 500.0
+from ..labels import GRAD_LIMIT, LOSS_LIMIT, divergence_reason  # noqa: F401 - the label's limits, re-exported
 COLLAPSE_FRACTION = 0.95
 CURVE_POINTS = 50
 SPIKE_FACTOR, SPIKE_WINDOW, SPIKE_MIN_HISTORY = 1.5, 20, 5
@@ -169,12 +168,9 @@ def train(model, cfg: RunConfig, task) -> TrainResult:
         lv = float(loss.detach())
         losses.append(lv)
         gnorms.append(gn)
-        if not (math.isfinite(lv) and math.isfinite(gn)):
-            diverge_step, diverge_reason = step, "nonfinite"
-        elif lv > LOSS_LIMIT:
-            diverge_step, diverge_reason = step, "loss"
-        elif gn > GRAD_LIMIT:
-            diverge_step, diverge_reason = step, "grad_norm"
+        reason = divergence_reason(lv, gn)
+        if reason is not None:
+            diverge_step, diverge_reason = step, reason
         if diverge_step > 0:
             break
         opt.step()
