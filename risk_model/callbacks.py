@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 
-from .monitor import DivergenceRiskError, RiskMonitor, optimizer_name
+from .monitor import DivergenceRiskError, RiskMonitor, check_watch, optimizer_name
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,7 @@ class _RiskWatch:
                  input_shape=None):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-        if int(every) != every or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+        check_watch(threshold, every)
         self.action = action
         self.threshold = threshold
         self.every = int(every)

@@ -99,6 +99,14 @@ def make_request(**kwargs):
     return Request(**{k: v for k, v in kwargs.items() if k in names and v is not None})
 
 
+def check_watch(threshold: float, every) -> None:
+    """The settings a monitor and both callbacks share: ``threshold`` in (0, 1), ``every`` ≥ 1 whole steps."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    if int(every) != every or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+
+
 class RiskMonitor:
     """Pre-flight divergence risk and a spectral watch of a network during training.
 
@@ -146,10 +154,7 @@ class RiskMonitor:
                  predictor=None, blocks=None, input_shape=None, seed=0):
         if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-        if int(every) != every or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+        check_watch(threshold, every)
         if n_samples < 2:
             raise ValueError(f"n_samples must be at least 2, got {n_samples!r}")
         self.model = model
