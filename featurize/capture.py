@@ -74,8 +74,7 @@ def _shape_preserving(model: nn.Module, candidates: list, probe: torch.Tensor) -
 
     def hook(module, args, kwargs, output):
         if id(module) not in seen:
-            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-            x, y = _first_tensor(x), _first_tensor(output)
+            x, y = _block_io(args, kwargs, output)
             seen[id(module)] = x is not None and y is not None and x.shape == y.shape
         if len(seen) == len(blocks):
             raise _StopForward
@@ -197,6 +196,47 @@ def _first_tensor(obj):
     if hasattr(obj, "last_hidden_state"):
         return obj.last_hidden_state
     return None
+
+
+def _block_io(args, kwargs, output) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The stream tensor a block was given (first positional argument, else ``hidden_states``) and
+    the one it returned, from a forward hook's arguments; None where there is none."""
+    x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+    return _first_tensor(x), _first_tensor(output)
+
+
+def block_states(name: str, args, kwargs, output) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """The token states entering and leaving a block, from a forward hook's ``args, kwargs, output``.
+
+    Returns
+    -------
+    (x, y, keep): x, y of shape (b*T, d), as computed; ``keep`` the dtype to store them in (half
+    precision widened to float32, float64 kept).
+
+    Raises
+    ------
+    CaptureError : the block takes or returns no tensor, or changes the stream's shape
+    """
+    x, y = _block_io(args, kwargs, output)
+    if x is None or y is None:
+        raise CaptureError(f"block {name} takes or returns no tensor")
+    if x.shape != y.shape:
+        raise CaptureError(
+            f"block {name} maps shape {tuple(x.shape)} to {tuple(y.shape)}: "
+            "not a residual block; name the right container with --blocks"
+        )
+    xf = x.reshape(-1, x.shape[-1]).detach()  # (b*T, d)
+    yf = y.reshape(-1, y.shape[-1]).detach()  # (b*T, d)
+    return xf, yf, torch.promote_types(xf.dtype, torch.float32)
+
+
+def check_finite(name: str, X: np.ndarray, Y: np.ndarray) -> None:
+    """Refuse one block's snapshots holding NaN or inf (the network overflows at initialization)."""
+    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+        raise CaptureError(
+            f"non-finite activations at initialization in block {name}: "
+            "the network already overflows; check its init scale"
+        )
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -415,22 +455,10 @@ def collect_snapshots_seeds(
 
     def make_hook(i: int):
         def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-            x = _first_tensor(x)
-            y = _first_tensor(output)
-            if x is None or y is None:
-                raise CaptureError(f"block {names[i]} takes or returns no tensor")
-            if x.shape != y.shape:
-                raise CaptureError(
-                    f"block {names[i]} maps shape {tuple(x.shape)} to {tuple(y.shape)}: "
-                    "not a residual block; name the right container with --blocks"
-                )
-            xf = x.reshape(-1, x.shape[-1])  # (b*T, d)
-            yf = y.reshape(-1, y.shape[-1])  # (b*T, d)
-            keep = torch.promote_types(xf.dtype, torch.float32)  # half precision → float32; float64 stays
+            xf, yf, keep = block_states(names[i], args, kwargs, output)  # (b*T, d) each
             for k, sel in state["sel"]:
-                store_x[k][i].append(xf[sel].detach().to(keep).cpu())  # float64 per layer at the end
-                store_y[k][i].append(yf[sel].detach().to(keep).cpu())
+                store_x[k][i].append(xf[sel].to(keep).cpu())  # float64 per layer at the end
+                store_y[k][i].append(yf[sel].to(keep).cpu())
             state["seen"].add(i)
             if i == last and len(state["seen"]) == len(mods):
                 raise _StopForward
@@ -478,11 +506,7 @@ def collect_snapshots_seeds(
                 raise CaptureError(f"block {name} was never called in the forward pass")
             x = torch.cat(store_x[k][i]).T.double().numpy()  # (d, N)
             y = torch.cat(store_y[k][i]).T.double().numpy()  # (d, N)
-            if not (np.isfinite(x).all() and np.isfinite(y).all()):
-                raise CaptureError(
-                    f"non-finite activations at initialization in block {name}: "
-                    "the network already overflows; check its init scale"
-                )
+            check_finite(name, x, y)
             X.append(x)
             Y.append(y)
         out.append(Snapshots(names=names, X=X, Y=Y))

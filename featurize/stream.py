@@ -310,26 +310,11 @@ def stream_profile(
 
     def take(i: int):
         def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-            x, y = _capture._first_tensor(x), _capture._first_tensor(output)
-            if x is None or y is None:
-                raise CaptureError(f"block {names[i]} takes or returns no tensor")
-            if x.shape != y.shape:
-                raise CaptureError(
-                    f"block {names[i]} maps shape {tuple(x.shape)} to {tuple(y.shape)}: "
-                    "not a residual block; name the right container with --blocks"
-                )
-            xf = x.reshape(-1, x.shape[-1])  # (B*T, d)
-            yf = y.reshape(-1, y.shape[-1])  # (B*T, d)
-            keep = torch.promote_types(xf.dtype, torch.float32)
+            xf, yf, keep = _capture.block_states(names[i], args, kwargs, output)  # (B*T, d) each
             for k, (s, sel) in enumerate(zip(seeds, selections)):
                 X = xf[sel.to(xf.device)].to(keep).cpu().T.double().numpy()  # (d, N)
                 Y = yf[sel.to(yf.device)].to(keep).cpu().T.double().numpy()  # (d, N)
-                if not (np.isfinite(X).all() and np.isfinite(Y).all()):
-                    raise CaptureError(
-                        f"non-finite activations at initialization in block {names[i]}: "
-                        "the network already overflows; check its init scale"
-                    )
+                _capture.check_finite(names[i], X, Y)
                 with threadpool_limits(limits=1, user_api="blas"):  # numpy's BLAS threads fight torch's otherwise
                     row = layer_stats(X, Y, rank=rank, seed=s, kreiss_grid=kreiss_grid)
                 rows[k].append(dict(layer=i, name=names[i], **row))
