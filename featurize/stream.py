@@ -80,8 +80,8 @@ class StreamEstimate:
     ----------
     n_blocks : int
     seconds : float
-        Expected wall time: the blocks' forward FLOPs at the matmul rate measured on this machine,
-        plus reading the weights, plus one DMD per layer and probe seed.
+        Expected wall time: the blocks' forward FLOPs at ``GEMM_EFFICIENCY`` of the matmul rate
+        measured on this machine, plus reading the weights, plus one DMD per layer and probe seed.
     peak_bytes : int
         Expected peak memory above what the process holds now: the modules outside the blocks, the
         largest block (compute dtype, plus its largest tensor in stored dtype while it is widened),
@@ -100,6 +100,13 @@ class StreamEstimate:
         when = f"{self.seconds:.0f} s" if self.seconds < 90 else f"{mins:.0f} min"
         return (f"≈ {when} for {self.n_blocks} blocks (at {self.gflops:.0f} GFLOP/s), "
                 f"peak ≈ {self.peak_bytes / 1e9:.1f} GB above the process's current memory")
+
+
+#: Fraction of the square-matmul rate a block's forward pass reaches (its norms, softmax, activations
+#: and thin matmuls run slower): with 0.6 the estimate of the 7B and 1.1B shapes of
+#: benchmarks/big_model.py on a 2-core CPU is within 15% of their profiling time (the bare rate was
+#: 1.6× too optimistic); small models' time is mostly process start-up, which is not estimated.
+GEMM_EFFICIENCY = 0.6
 
 
 def _matmul_gflops(device: str, dtype: torch.dtype, size: int = 1536) -> float:
@@ -146,7 +153,7 @@ def estimate_stream(
     r = (rank or width) + 10
     dmd_flops = 12 * width * n_samples * r  # range finder, power iterations and projections
     flops = sum(2 * n * tokens for n in block_numel) + len(mods) * n_seeds * dmd_flops
-    seconds = flops / (gflops * 1e9) + sum(block_read) / (read_gbps * 1e9)
+    seconds = flops / (GEMM_EFFICIENCY * gflops * 1e9) + sum(block_read) / (read_gbps * 1e9)
     return StreamEstimate(n_blocks=len(mods), seconds=seconds, peak_bytes=int(peak), gflops=gflops)
 
 
