@@ -75,12 +75,15 @@ def _build_hf(path: Path, config, *, empty: bool) -> nn.Module:
 
 
 def _skip_names(model: nn.Module) -> set[str]:
-    """Parameters of the output head: not needed for the residual stream, may be tied or absent."""
+    """Names of the output head's parameters (e.g. ``lm_head.weight``): not needed for the residual
+    stream, and tied to the input embedding or absent in many checkpoints."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         return set()
-    ids = {id(p) for p in head.parameters()}
-    return {n for n, p in model.named_parameters() if id(p) in ids}
+    prefix = next((n for n, m in model.named_modules() if m is head), None)
+    if prefix is None:
+        return set()
+    return {f"{prefix}.{n}" if prefix else n for n, _ in head.named_parameters(remove_duplicate=False)}
 
 
 def _load_hf_dir(path: Path) -> nn.Module:
@@ -103,8 +106,8 @@ def _load_hf_dir(path: Path) -> nn.Module:
         for n, b in model.named_buffers():
             if n in have:
                 b.copy_(ckpt.get(n))
-    if hasattr(model, "tie_weights") and not (skip & have):
-        model.tie_weights()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # as the config says (a tied head follows the loaded embedding)
     return model
 
 
