@@ -346,7 +346,9 @@ def stream_profile(
     was_training = model.training
     model.eval()
     try:
-        model(inputs, **_forward_kwargs(model))
+        with torch.random.fork_rng(devices=[]):  # a model drawing random numbers leaves the caller's RNG alone
+            torch.manual_seed(seeds[0])
+            model(inputs, **_forward_kwargs(model))
     except _capture._StopForward:
         pass
     except CaptureError:

@@ -244,3 +244,12 @@ def test_not_enough_memory_is_refused_before_starting(sharded, monkeypatch, tmp_
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.exit_code == 1 and len(lines) == 1 and needle in lines[0] and "GB" in lines[0], res.stderr
         assert not plot.exists()
+
+
+def test_streaming_leaves_the_callers_rng_alone(sharded):
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    skeleton, ckpt, skip = open_streaming(sharded)
+    stream_profile(skeleton, ckpt, n_samples=N, seeds=SEEDS, skip=skip)
+    assert torch.equal(torch.rand(3), want)
