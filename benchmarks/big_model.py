@@ -141,7 +141,7 @@ def profile_once(path: Path, args, mode: str) -> dict:
     prof = json.loads(stdout)
     n_layers = len(prof["layers"])
     lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("streaming")]
-    return dict(mode=mode, wall_s=round(wall, 1), peak_rss_gb=round(usage.ru_maxrss / 1e6, 3), n_layers=n_layers,
+    return dict(mode=mode, wall_s=round(wall, 1), peak_rss_gb=round(usage.ru_maxrss * 1024 / 1e9, 3), n_layers=n_layers,
                 s_per_layer=round(wall / n_layers, 2), estimate=lines[0] if lines else None,
                 m_near_mean=prof["aggregates"]["m_near_mean"], rho_max=prof["aggregates"]["rho_max"])
 

@@ -103,15 +103,15 @@ class StreamEstimate:
 
 
 #: Fraction of the square-matmul rate a block's forward pass reaches (its norms, softmax, activations
-#: and thin matmuls run slower): with 0.6 the estimate of the 7B and 1.1B shapes of
-#: benchmarks/big_model.py on a 2-core CPU is within 15% of their profiling time (the bare rate was
-#: 1.6× too optimistic); small models' time is mostly process start-up, which is not estimated.
+#: and thin matmuls run slower). Calibrated on the 7B shape of benchmarks/big_model.py on a 2-core CPU,
+#: where the bare rate predicted 2 min for a 195 s run; with 0.6 it says about 4 min, on the safe
+#: side. Small models' time is mostly process start-up, which is not estimated.
 GEMM_EFFICIENCY = 0.6
 
 
 def _matmul_gflops(device: str, dtype: torch.dtype, size: int = 1536) -> float:
     """GFLOP/s of a (size × size) @ (size × size) product on ``device``, best of three."""
-    a = torch.randn(size, size, device=device, generator=None).to(dtype)
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     best = math.inf
     for _ in range(3):
         t0 = time.perf_counter()
@@ -123,12 +123,14 @@ def _matmul_gflops(device: str, dtype: torch.dtype, size: int = 1536) -> float:
 def estimate_stream(
     model: nn.Module, source: WeightSource, *, blocks: str | None = None, n_samples: int = 2048,
     n_seeds: int = 1, rank: int | None = 32, dtype: torch.dtype = torch.float32, device: str = "cpu",
-    read_gbps: float = 1.0,
+    read_gbps: float = 1.0, skip: Iterable[str] = (),
 ) -> StreamEstimate:
     """Time and memory a ``stream_profile`` of ``model`` will take (see ``StreamEstimate``).
 
-    ``read_gbps`` is the assumed reading rate of the weights (GB/s; a cold disk may be slower).
+    ``read_gbps`` is the assumed reading rate of the weights (GB/s; a cold disk may be slower);
+    ``skip`` as in ``stream_profile`` (never read).
     """
+    skip = set(skip)
     _, mods = _capture.find_blocks(model, blocks)
     prefixes = _block_prefixes(model, mods)
     params = skeleton_parameters(model)
@@ -141,20 +143,30 @@ def estimate_stream(
         reads = [source.nbytes(n) for n in own if n in have]
         block_read.append(sum(reads))
         largest_read = max([largest_read, *reads])
-    outside = sum(params[n].numel() for n in params if n in have and not any(_owned_by(n, p) for p in prefixes))
+    embedding = _embedding_owners(model)
+    outside = [n for n in params if n in have and n not in skip and not any(_owned_by(n, p) for p in prefixes)]
+    outside_embed = sum(params[n].numel() for n in outside if n.rpartition(".")[0] in embedding)
+    outside_rest = sum(params[n].numel() for n in outside if n.rpartition(".")[0] not in embedding)
     width = _capture_width(model)
     tokens = n_samples * n_seeds
     widest = max((max(q.shape) for n, q in params.items() if q.ndim == 2 and any(_owned_by(n, p) for p in prefixes)),
                  default=width)
     act = tokens * (12 * width + 3 * widest) * size  # residual stream, attention projections, MLP hidden
     snaps = n_samples * width * (2 * (4 + 8) + 3 * 8)  # one layer's X, Y in float32 and float64 + DMD copies
-    peak = outside * size + max(block_numel, default=0) * size + largest_read + act + snaps
+    # the embeddings are freed when the first block starts: they and a block are never held together
+    peak = (max(outside_embed * size, max(block_numel, default=0) * size + largest_read)
+            + outside_rest * size + act + snaps)
     gflops = _matmul_gflops(device, dtype)
     r = (rank or width) + 10
     dmd_flops = 12 * width * n_samples * r  # range finder, power iterations and projections
     flops = sum(2 * n * tokens for n in block_numel) + len(mods) * n_seeds * dmd_flops
     seconds = flops / (GEMM_EFFICIENCY * gflops * 1e9) + sum(block_read) / (read_gbps * 1e9)
     return StreamEstimate(n_blocks=len(mods), seconds=seconds, peak_bytes=int(peak), gflops=gflops)
+
+
+def _embedding_owners(model: nn.Module) -> set[str]:
+    """Dotted names of the model's ``nn.Embedding`` modules (read before the blocks, freed after)."""
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
 
 
 def _capture_width(model: nn.Module) -> int:
@@ -250,25 +262,47 @@ def stream_profile(
     container, mods = _capture.find_blocks(model, blocks)
     prefixes = _block_prefixes(model, mods)
     names = [f"{type(m).__name__}[{i}]" for i, m in enumerate(mods)]
-    params = skeleton_parameters(model)
+    params = skeleton_parameters(model)  # canonical name -> parameter (tied ones once)
+    first = {id(q): n for n, q in params.items()}
+    alias = {n: first[id(q)] for n, q in model.named_parameters(remove_duplicate=False)}  # every name -> canonical
     have = set(source.names())
     skip = set(skip)
     missing = [n for n in params if n not in have and n not in skip]
     if missing:
         raise CaptureError(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} parameters missing)")
-    in_block = {n: i for n in params for i, p in enumerate(prefixes) if _owned_by(n, p)}
+    if hasattr(source, "shape"):
+        for n, q in params.items():
+            if n in have and tuple(source.shape(n)) != tuple(q.shape):
+                raise CaptureError(f"the checkpoint's {n} has shape {tuple(source.shape(n))}, the model {tuple(q.shape)}")
+    in_block = {n: i for n in alias for i, p in enumerate(prefixes) if _owned_by(n, p)}
+    embedding = _embedding_owners(model)
 
     def load(name: str) -> torch.Tensor:
         t = source.get(name)
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
 
-    # The modules outside the blocks (embeddings, final norm) are loaded first; once the blocks start,
-    # those that have already run (the embeddings) go back to meta, and come back if called again.
-    outside: dict[str, list[str]] = {}  # owning module -> its own parameters outside the blocks
-    for n in params:
-        if n not in in_block and n not in skip:
-            _set_tensor(model, n, load(n))
+    def fill(names: list[str]) -> None:
+        """Materialise every name from its canonical tensor (aliases share one tensor)."""
+        got: dict[str, torch.Tensor] = {}
+        for n in names:
+            c = alias[n]
+            if c not in got:
+                got[c] = load(c)
+            _set_tensor(model, n, got[c])
+
+    def empty(names: list[str]) -> None:
+        for n in names:
+            q = params[alias[n]]
+            _set_tensor(model, n, torch.empty(q.shape, dtype=q.dtype, device="meta"))
+
+    block_names = [[n for n in alias if in_block.get(n) == i] for i in range(len(mods))]
+    # The modules outside the blocks (embeddings, final norm) are loaded first. Once the blocks start,
+    # the embeddings that have run go back to meta, and come back if called again.
+    outside: dict[str, list[str]] = {}  # owning module -> its own parameter names outside the blocks
+    for n in alias:
+        if n not in in_block and alias[n] not in skip:
             outside.setdefault(n.rpartition(".")[0], []).append(n)
+    fill([n for names_ in outside.values() for n in names_])
     ran: set[str] = set()
     for n, b in list(model.named_buffers()):  # persistent buffers the checkpoint holds
         if n in have:
@@ -277,7 +311,6 @@ def stream_profile(
             _set_tensor(model, n, b.to(device), buffer=True)
 
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
-        torch.manual_seed(seeds[0])
         probes = [_capture.make_probe(model, n_samples, seed=s) for s in seeds]  # each (B_s, T)
     totals = [p.numel() for p in probes]
     offsets = np.cumsum([0, *totals[:-1]])
@@ -294,25 +327,23 @@ def stream_profile(
     def materialise(i: int):
         def pre_hook(module, args, kwargs):
             for owner in ran:
-                for n in outside[owner]:
-                    _set_tensor(model, n, torch.empty(params[n].shape, dtype=params[n].dtype, device="meta"))
+                empty(outside[owner])
             ran.clear()
-            for n in params:
-                if in_block.get(n) == i:
-                    _set_tensor(model, n, load(n))
+            fill(block_names[i])
+            left = next((n for n, q in module.named_parameters(remove_duplicate=False) if q.device.type == "meta"), None)
+            if left is not None:  # a meta weight would give garbage, not an error: refuse
+                raise CaptureError(f"block {names[i]}: its parameter {left} was not loaded from the checkpoint")
         return pre_hook
 
     def reload(owner: str):
         def pre_hook(module, args):
-            for n in outside[owner]:
-                if model.get_parameter(n).device.type == "meta":
-                    _set_tensor(model, n, load(n))
+            if any(model.get_parameter(n).device.type == "meta" for n in outside[owner]):
+                fill(outside[owner])
         return pre_hook
 
     def mark(owner: str):
         def hook(module, args, output):
-            if owner and not any(_owned_by(owner, p) or owner == p for p in prefixes):
-                ran.add(owner)
+            ran.add(owner)
         return hook
 
     def take(i: int):
@@ -325,9 +356,7 @@ def stream_profile(
                 with threadpool_limits(limits=1, user_api="blas"):  # numpy's BLAS threads fight torch's otherwise
                     row = layer_stats(X, Y, rank=rank, seed=s, kreiss_grid=kreiss_grid)
                 rows[k].append(dict(layer=i, name=names[i], **row))
-            for n in params:  # back to meta: the block's memory is freed
-                if in_block.get(n) == i:
-                    _set_tensor(model, n, torch.empty(params[n].shape, dtype=params[n].dtype, device="meta"))
+            empty(block_names[i])  # back to meta: the block's memory is freed
             _release_freed_memory()
             if progress is not None:
                 progress("blocks", i + 1, len(mods))
@@ -337,7 +366,7 @@ def stream_profile(
 
     handles = []
     for owner in outside:
-        if owner:  # parameters of the root module itself may be used anywhere: they stay
+        if owner in embedding:  # embeddings run before the blocks; everything else stays loaded
             mod = model.get_submodule(owner)
             handles += [mod.register_forward_pre_hook(reload(owner)), mod.register_forward_hook(mark(owner))]
     for i, m in enumerate(mods):
@@ -347,7 +376,7 @@ def stream_profile(
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):  # a model drawing random numbers leaves the caller's RNG alone
-            torch.manual_seed(seeds[0])
+            torch.default_generator.manual_seed(seeds[0])  # the CPU generator only: CUDA's are not restored
             model(inputs, **_forward_kwargs(model))
     except _capture._StopForward:
         pass
@@ -359,6 +388,8 @@ def stream_profile(
         for h in handles:
             h.remove()
         model.train(was_training)
+        empty([n for n, q in model.named_parameters(remove_duplicate=False) if q.device.type != "meta"])
+        _release_freed_memory()
     if any(len(r) != len(mods) for r in rows):
         raise CaptureError("not every block was called in the forward pass")
     width = _capture_width(model)

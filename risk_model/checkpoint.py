@@ -33,6 +33,26 @@ def _key(name: str) -> str:
     return name.removeprefix("_orig_mod.")
 
 
+#: a safetensors header longer than this is taken for a corrupt length prefix
+MAX_HEADER = 100 * 2**20
+
+
+def _check_entry(file: Path, key: str, t) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, a byte range that holds it."""
+    ok = (isinstance(t, dict) and t.get("dtype") in _DTYPES and isinstance(t.get("shape"), list)
+          and all(isinstance(v, int) and v >= 0 for v in t["shape"])
+          and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2
+          and all(isinstance(v, int) for v in t["data_offsets"]) and 0 <= t["data_offsets"][0] <= t["data_offsets"][1])
+    if ok:
+        numel = 1
+        for v in t["shape"]:
+            numel *= v
+        itemsize = torch.empty((), dtype=getattr(torch, _DTYPES[t["dtype"]])).element_size()
+        ok = t["data_offsets"][1] - t["data_offsets"][0] == numel * itemsize
+    if not ok:
+        raise ModelLoadError(f"{file}: corrupt safetensors header entry for tensor {key}")
+
+
 def read_header(file: Path) -> dict[str, dict]:
     """``{tensor name: {"dtype", "shape", "data_offsets", "data_start"}}`` of one safetensors file,
     checked against the file's size (a truncated download fails here, naming the file)."""
@@ -43,6 +63,8 @@ def read_header(file: Path) -> dict[str, dict]:
             if len(head) < 8:
                 raise ModelLoadError(f"{file}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise ModelLoadError(f"{file}: not a safetensors file (header length {n} bytes)")
             if n > size - 8:
                 raise ModelLoadError(f"{file}: truncated safetensors file ({size} bytes, header says {n + 8} at least)")
             header = json.loads(f.read(n))
@@ -50,8 +72,11 @@ def read_header(file: Path) -> dict[str, dict]:
         raise ModelLoadError(f"{file}: cannot read ({e.strerror or e.__class__.__name__})") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{file}: not a safetensors file (unreadable header)") from e
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
-    for t in header.values():
+    for key, t in header.items():
+        _check_entry(file, key, t)
         t["data_start"] = 8 + n
     end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
     if 8 + n + end > size:
@@ -59,9 +84,9 @@ def read_header(file: Path) -> dict[str, dict]:
     return header
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path, *, mmap: bool = False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         if "Weights only load failed" in str(e):
@@ -109,6 +134,28 @@ class Checkpoint:
 
     def nbytes(self, name: str) -> int:
         return self._sizes[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, key = self._where[name]
+        if self._state_dict is not None:
+            return tuple(self._state_dict[key].shape)
+        return tuple(self._info[name]["shape"])
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name][0]
+
+    def expect(self, names, prefix: str = "") -> None:
+        """Also answer to the model's parameter ``names`` that the checkpoint stores without the
+        model's ``prefix`` (a base-model checkpoint such as the Hub's GPT-2: ``h.0…`` for
+        ``transformer.h.0…``)."""
+        if not prefix:
+            return
+        for n in names:
+            short = n.removeprefix(prefix + ".")
+            if n not in self._where and short != n and short in self._where:
+                for table in (self._where, self._sizes, self._dtypes, self._info):
+                    if short in table:
+                        table[n] = table[short]
 
     @property
     def total_bytes(self) -> int:
@@ -176,9 +223,15 @@ def _safetensors_dir(path: Path) -> Checkpoint:
 
 def _bin_dir(path: Path) -> Checkpoint:
     f = path / "pytorch_model.bin"
-    sd = _torch_load(f)
-    if not isinstance(sd, dict):
+    try:
+        sd = _torch_load(f, mmap=True)  # memory-mapped: tensors are read when used
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - weights_only refused an object
+        raise ModelLoadError(f"{f} holds objects other than tensors; save the weights as safetensors") from e
+    if not isinstance(sd, dict) or not sd:
         raise ModelLoadError(f"{f} is not a state dict")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     where = {_key(k): (f, k) for k in sd}
     sizes = {_key(k): v.numel() * v.element_size() for k, v in sd.items()}
     dtypes = {_key(k): str(v.dtype).removeprefix("torch.") for k, v in sd.items()}
@@ -242,9 +295,15 @@ def _adapter_dir(path: Path) -> Checkpoint:
     overrides: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         name = key.removeprefix("base_model.model.")
+        if re.search(r"\.lora_[AB]\.bias$", name):
+            raise ModelLoadError(f"{st}: LoRA biases (lora_bias=True) are not supported; merge the adapter "
+                                 "(merge_and_unload) and save the model")
         m = re.match(r"(.*)\.lora_(embedding_)?([AB])(\.weight)?$", name)
-        if m is None:
-            overrides[_key(name.replace(".modules_to_save", ""))] = t
+        if m is None:  # a trained tensor of the base (bias="all", modules_to_save): replaces the base's
+            plain = _key(name.replace(".modules_to_save", "").replace(".base_layer.", "."))
+            if plain not in base:
+                raise ModelLoadError(f"{st}: adapter tensor {key} matches no tensor of the base model")
+            overrides[plain] = t
             continue
         module, emb, ab = m.group(1), m.group(2), m.group(3)
         pairs.setdefault(_key(module), {})[ab] = t

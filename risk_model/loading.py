@@ -86,25 +86,38 @@ def _skip_names(model: nn.Module) -> set[str]:
     return {f"{prefix}.{n}" if prefix else n for n, _ in head.named_parameters(remove_duplicate=False)}
 
 
+def _matched(path: Path, ckpt, model: nn.Module) -> set[str]:
+    """Check the checkpoint against the model built from config.json, before any weight is read:
+    every parameter but the output head's present, every stored shape the model's. Returns the
+    output head's parameter names."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    ckpt.expect(names + [n for n, _ in model.named_buffers()], getattr(model, "base_model_prefix", ""))
+    skip = _skip_names(model)
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in ckpt and n not in skip]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: weights do not match config.json ({len(missing)} missing, e.g. {missing[0]})"
+        )
+    for n, p in [*params.items(), *model.named_buffers()]:
+        if n in ckpt and tuple(ckpt.shape(n)) != tuple(p.shape):
+            raise ModelLoadError(f"{ckpt.file_of(n)}: tensor {n} has shape {tuple(ckpt.shape(n))}, "
+                                 f"config.json gives {tuple(p.shape)}")
+    return skip
+
+
 def _load_hf_dir(path: Path) -> nn.Module:
     """A Hugging Face directory (or a PEFT adapter directory over a local base) as a float32 model."""
     _import_transformers(path)
     ckpt = open_checkpoint(path)
     model = _build_hf(ckpt.model_dir, _hf_config(ckpt.model_dir), empty=False)
-    params = dict(model.named_parameters())
-    skip = _skip_names(model)
-    have = set(ckpt.names())
-    missing = [n for n in params if n not in have and n not in skip]
-    if missing:
-        raise ModelLoadError(
-            f"{path}: weights do not match config.json ({len(missing)} missing, e.g. {missing[0]})"
-        )
+    _matched(path, ckpt, model)
     with torch.no_grad():
-        for n, p in params.items():
-            if n in have:
+        for n, p in model.named_parameters():
+            if n in ckpt:
                 p.copy_(ckpt.get(n))
         for n, b in model.named_buffers():
-            if n in have:
+            if n in ckpt:
                 b.copy_(ckpt.get(n))
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # as the config says (a tied head follows the loaded embedding)
@@ -113,10 +126,11 @@ def _load_hf_dir(path: Path) -> nn.Module:
 
 def open_streaming(path: str | Path) -> tuple[nn.Module, "Checkpoint", set[str]]:
     """A Hugging Face directory for ``featurize.stream.stream_profile``: the model built on the meta
-    device, its weight source and the names of the output head's parameters (never needed)."""
+    device, its weight source (checked against the model: names and shapes) and the names of the
+    output head's parameters (never needed)."""
     ckpt = open_checkpoint(Path(path))
     model = _build_hf(ckpt.model_dir, _hf_config(ckpt.model_dir), empty=True)
-    return model, ckpt, _skip_names(model)
+    return model, ckpt, _matched(Path(path), ckpt, model)
 
 
 def is_hf_dir(path: str | Path) -> bool:

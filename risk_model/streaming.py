@@ -111,7 +111,7 @@ def plan_stream(path: str | Path, *, blocks: str | None = None, n_samples: int =
 
     model, ckpt, skip = open_streaming(path)
     est = estimate_stream(model, ckpt, blocks=blocks, n_samples=n_samples, n_seeds=n_seeds, rank=rank,
-                          device=device)
+                          device=device, skip=skip)
     free = available_memory()
     if free is not None and est.peak_bytes > free:
         raise ResourceError(

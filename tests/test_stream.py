@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from featurize import profile  # noqa: E402
-from featurize.stream import stream_profile  # noqa: E402
+from featurize.stream import estimate_stream, stream_profile  # noqa: E402
 from risk_model.checkpoint import open_checkpoint  # noqa: E402
 from risk_model.errors import ModelLoadError  # noqa: E402
 from risk_model.loading import load_model, open_streaming  # noqa: E402
@@ -251,5 +251,113 @@ def test_streaming_leaves_the_callers_rng_alone(sharded):
     want = torch.rand(3)
     torch.manual_seed(123)
     skeleton, ckpt, skip = open_streaming(sharded)
+    estimate_stream(skeleton, ckpt, n_samples=N, skip=skip)
     stream_profile(skeleton, ckpt, n_samples=N, seeds=SEEDS, skip=skip)
     assert torch.equal(torch.rand(3), want)
+    assert all(q.device.type == "meta" for q in skeleton.parameters())  # nothing left loaded
+
+
+def test_hub_style_checkpoint_without_the_base_model_prefix(tmp_path):
+    """The Hub's GPT-2 stores ``h.0…`` for the model's ``transformer.h.0…``."""
+    from safetensors.torch import save_file
+
+    model = _gpt2()
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in model.transformer.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    assert "h.0.attn.c_attn.weight" in open_checkpoint(tmp_path).names()
+    truth = _in_memory(model)
+    _assert_same(truth, _streamed(tmp_path)[0])
+    _assert_same(truth, _in_memory(load_model(tmp_path)))
+
+
+def test_lora_with_rslora_and_modules_to_save_is_merged_like_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _llama()
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(4)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False,
+                          use_rslora=True, modules_to_save=["post_attention_layernorm"])
+    lora = peft.get_peft_model(base, cfg)
+    with torch.no_grad():  # train the saved norm copy so that modules_to_save matters
+        for n, q in lora.named_parameters():
+            if "modules_to_save" in n:
+                q.mul_(1.5)
+    lora.save_pretrained(tmp_path / "adapter")
+    c = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    c["base_model_name_or_path"] = str(tmp_path / "base")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(c))
+    truth = _in_memory(lora.merge_and_unload())
+    _assert_same(truth, _in_memory(load_model(tmp_path / "adapter")), rtol=1e-5)
+    _assert_same(truth, _streamed(tmp_path / "adapter")[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["shape", "header entry"])
+def test_inconsistent_tensors_fail_before_any_work(sharded, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    shard = _shards(sharded)[0]
+    tensors = load_file(str(shard))
+    key = next(k for k, v in tensors.items() if v.ndim == 2)
+    if damage == "shape":
+        tensors[key] = tensors[key][:-1].contiguous()
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        index = sharded / "model.safetensors.index.json"
+    else:  # a header whose byte range does not hold the shape it declares
+        raw = shard.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        header[key]["dtype"] = "F32"  # twice the bytes of the bf16 range it points to
+        text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+        assert len(text) == n
+        shard.write_bytes(raw[:8] + text + raw[8 + n:])
+    for mode in ("--low-memory", "--in-memory"):
+        res = _risk("profile", sharded, mode)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and shard.name in lines[0] and key in lines[0], res.stderr
+
+
+def test_weights_shared_across_blocks_are_loaded_for_every_block():
+    """ALBERT-style sharing: block 2 uses block 0's weight. A weight left on meta would give
+    garbage silently (torch returns uninitialised memory), so every alias must be filled."""
+    from torch import nn
+
+    class Blk(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.fc = nn.Linear(d, d, bias=False)
+
+        def forward(self, x):  # (B, T, d)
+            return x + 0.1 * torch.tanh(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self, d=16, L=3):
+            super().__init__()
+            self.emb = nn.Embedding(50, d)
+            self.blocks = nn.ModuleList(Blk(d) for _ in range(L))
+            self.blocks[2].fc.weight = self.blocks[0].fc.weight
+
+        def forward(self, t):  # (B, T) token ids
+            h = self.emb(t)
+            for b in self.blocks:
+                h = b(h)
+            return h
+
+    torch.manual_seed(0)
+    real = Net()
+    state = {n: p.detach().clone() for n, p in real.named_parameters()}  # the shared weight once
+
+    class Source:  # a weight source over a plain dict of tensors
+        def names(self):
+            return list(state)
+
+        def get(self, name):
+            return state[name].clone()
+
+        def nbytes(self, name):
+            return state[name].numel() * 4
+
+    with torch.device("meta"):
+        skeleton = Net()
+    got = stream_profile(skeleton, Source(), n_samples=64, seeds=(0,), rank=None)[0]
+    want = profile(real, n_samples=64, seed=0, rank=None)
+    _assert_same([want], [got])
