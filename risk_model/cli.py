@@ -212,7 +212,8 @@ def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples:
     device = streaming.check_device(device)
     seeds = list(range(seed, seed + probe_seeds))
     kreiss_grid = settings.get("kreiss_grid") or None
-    if streaming.should_stream(model_path, low_memory):
+    size = streaming.in_memory_bytes(model_path)  # headers only; None for models other than HF directories
+    if streaming.should_stream(model_path, low_memory, size):
         if inputs is not None or shape is not None:
             raise UsageError("--inputs and --input-shape do not apply to streamed token models; drop them or use --in-memory")
         plan = streaming.plan_stream(model_path, blocks=blocks, n_samples=n_samples, n_seeds=len(seeds),
@@ -225,7 +226,7 @@ def load_and_profile(model_path: Path, *, trust_pickle: bool, blocks, n_samples:
                                         kreiss_grid=kreiss_grid, device=device, progress=bar)
         finally:
             bar.close()
-    streaming.check_in_memory(model_path)
+    streaming.check_in_memory(model_path, size)
     model = load_model(model_path, trust_pickle=trust_pickle).to(device)
     bar = LazyProgress()
     try:

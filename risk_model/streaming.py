@@ -7,6 +7,7 @@ before anything heavy runs and refuses, with the estimate, a run that will not f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +45,13 @@ def in_memory_bytes(path: str | Path) -> int | None:
         return None
     _import_transformers(path)  # a model directory needs the extra 'hf': say so before anything else
     ckpt = open_checkpoint(path)
-    return sum(4 * ckpt.nbytes(n) // max(1, _element_size(ckpt, n)) for n in ckpt.names())
+    return 4 * sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
 
 
-def _element_size(ckpt, name: str) -> int:
-    dt = getattr(torch, ckpt._dtypes.get(name, "float32"), torch.float32)
-    return torch.empty((), dtype=dt).element_size()
-
-
-def should_stream(path: str | Path, low_memory: bool | None) -> bool:
+def should_stream(path: str | Path, low_memory: bool | None, size: int | None) -> bool:
     """Stream when asked (``low_memory=True``), or, unset, for Hugging Face directories whose float32
-    weights exceed ``AUTO_STREAM_BYTES``. ``low_memory=True`` on any other model is a usage error."""
-    size = in_memory_bytes(path)
+    weights (``size``, from ``in_memory_bytes``) exceed ``AUTO_STREAM_BYTES``. ``low_memory=True`` on
+    any other model is a usage error."""
     if low_memory and size is None:
         raise UsageError(f"{path}: --low-memory streams Hugging Face model directories only")
     if low_memory is None:
@@ -63,11 +59,11 @@ def should_stream(path: str | Path, low_memory: bool | None) -> bool:
     return bool(low_memory)
 
 
-def check_in_memory(path: str | Path) -> None:
-    """Refuse, before loading, a Hugging Face model whose float32 weights exceed the memory available."""
+def check_in_memory(path: str | Path, size: int | None) -> None:
+    """Refuse, before loading, a Hugging Face model whose float32 weights (``size``, from
+    ``in_memory_bytes``) exceed the memory available."""
     from featurize.capture import available_memory
 
-    size = in_memory_bytes(path)
     free = available_memory()
     if size is not None and free is not None and 2 * size > free:
         raise ResourceError(
