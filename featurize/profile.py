@@ -48,14 +48,18 @@ def layer_stats(
     masses_all = spectral_masses(lam)
     masses = spectral_masses(lam[rel]) if rel.any() else masses_all
     update = float(np.linalg.norm(Y - X) / (np.linalg.norm(X) + 1e-12))
+    degenerate = bool(update < DEGENERATE_UPDATE)
     row = dict(
         **masses,
         rho=spectral_radius(lam),
-        kappa_v=min(eigenvector_condition(res.V), CAP),
+        # a degenerate layer's operator is I plus an update at the level of rounding: its eigenvectors
+        # and its η_nl (relative to the update) are rounding noise (κ(V) moved 5× with the BLAS thread
+        # count on such layers), so they are left undefined; the other columns are stable there
+        kappa_v=np.nan if degenerate else min(eigenvector_condition(res.V), CAP),
         kreiss=min(kreiss_constant(res.A, **kgrid), CAP),
-        eta_nl=res.eta_nl,
+        eta_nl=np.nan if degenerate else res.eta_nl,
         reliable_fraction=float(rel.mean()),
-        degenerate=bool(update < DEGENERATE_UPDATE),
+        degenerate=degenerate,
         **{f"{k}_all": v for k, v in masses_all.items()},
         update_ratio=update,
         rank=int(res.rank),
