@@ -47,7 +47,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step == 0:
                 t_first = time.perf_counter() - t0
                 t1 = time.perf_counter()
