@@ -189,7 +189,7 @@ eval_batches = 2
 """
 
 
-def test_full_ladder_sweep_rows_and_labels_from_real_runs(tmp_path):
+def test_full_ladder_sweep_rows_and_labels_from_real_runs(tmp_path, capsys):
     from risk_model.labels import ladder_summary
 
     spec = tmp_path / "s.toml"
@@ -206,6 +206,15 @@ def test_full_ladder_sweep_rows_and_labels_from_real_runs(tmp_path):
         assert g["failed"].any()       # every ladder reaches a failed rung on these tiny nets
     # held-out loss of a learning run is below ln(V) (real training, real eval)
     assert (runs["final_eval_loss"].min() < math.log(32))
+    # the datasheet: the v3 section; a plot it cannot make is one line, exit 1, no file
+    from risk_model.sweep import datasheet
+
+    assert datasheet.main([str(tmp_path / "o")]) == 0
+    assert f"failed: **{int(runs['failed'].sum())}**" in capsys.readouterr().out
+    assert datasheet.main([str(tmp_path / "o"), "--plot", str(tmp_path / "p.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and not (tmp_path / "p.png").exists()
+    assert datasheet.main([str(tmp_path / "nothing")]) == 1
 
 
 def test_sigkill_mid_full_ladder_sweep_loses_and_duplicates_nothing(tmp_path):

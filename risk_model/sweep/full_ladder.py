@@ -224,7 +224,9 @@ def train_full_ladder(unit: dict, device: str = "cpu") -> tuple[list[dict], "pd.
             rows.append(dict(run_id=run_id(c), model_id=mid, config_id=config_id(c), **asdict(c),
                              rung=rungs.index(lr) if lr in rungs else -1, **lab, n_params=n_params,
                              **aggs, profile_error=profile_error, profile_seconds=profile_seconds,
-                             seconds=secs, rows_per_run=len(out), stage=unit.get("stage", "")))
+                             # a horizon row cost nothing of its own: the run's time is on its last row
+                             seconds=secs if c.steps == cfg.steps else 0.0, run_seconds=secs,
+                             rows_per_run=len(out), stage=unit.get("stage", "")))
         last = out[-1][1]
         return last["final_eval_loss"], last["diverged"], last["dead_at_init"]
 

@@ -9,8 +9,9 @@ Layout of an output folder::
     OUT/errors.jsonl     runs that raised (not stored; retried by the next invocation)
 
 A *unit* is what one worker does in one go: a run (a ``sweep`` spec; layers keyed by ``run_id``)
-or a model with its learning-rate ladder (a ``ladder`` spec, ``risk_model.sweep.ladder``; its
-runs and its layers keyed by ``model_id``). Every file is written to a temporary name and moved
+or a model with its learning-rate ladder (a ``ladder`` spec, ``risk_model.sweep.ladder``, or a
+``full_ladder`` spec, ``risk_model.sweep.full_ladder``: one row per run and horizon; its runs and
+its layers keyed by ``model_id``). Every file is written to a temporary name and moved
 into place with ``os.replace``, so a reader (or a killed sweep) only ever sees complete files. A
 unit counts as finished once its ``runs`` part exists (its ``layers`` part is written first). Consolidation merges the parts into
 ``runs.parquet``/``layers.parquet`` (deduplicated by run id; layers before runs) and only then
