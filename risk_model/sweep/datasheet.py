@@ -182,16 +182,14 @@ def plot_scale(runs: pd.DataFrame, path: Path) -> Path:
     """lr_fail_min against width (scale-width stages) per horizon, written atomically to ``path``."""
     import os
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # no pyplot: no global figure state, no backend switch
 
     m = _per_model(runs)
     m = m[m["stage"].astype(str).str.startswith("scale-width")]
     if not len(m):
         raise ValueError("no scale-width models in this corpus: nothing to plot")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
     for (fam, steps), g in m.groupby(["family", "steps"]):
         g = g.sort_values("d_model")
         ax.plot(g["d_model"], g["lr_fail_min"], marker="o", label=f"{fam}, {steps} steps")
@@ -204,7 +202,6 @@ def plot_scale(runs: pd.DataFrame, path: Path) -> Path:
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if tmp.exists():
             tmp.unlink()
     return path
