@@ -1,17 +1,21 @@
-"""Sweep throughput: runs per hour for d_model=64, n_layers=4, 300 steps on this machine.
+"""Sweep throughput, side by side in one run: the plain (v2-style) runner vs the corpus-v3 runner.
 
-Runs a small timed ladder sweep, as corpus-v2 is made (``--models`` GPT pre-LN models of different
-seeds, each profiled once with 512 token states, then trained on a 4-rung AdamW ladder 1e-4 … 3e-3,
-seq 32, batch 16, 300 steps) through ``run_sweep`` with ``--workers`` joblib processes, and writes
-``benchmarks/results/sweep.json``. The load average before and after is recorded: on a shared
-machine other jobs slow the sweep down.
+Both label the same runs: the v3 runner walks full ladders (``kind = "full_ladder"``) of
+``--models`` small GPT models on the text_bytes task, each run of ``--steps`` steps read at the
+horizons ``--horizons`` as well, with ``--workers`` joblib workers. The plain runner then trains
+every row the v3 runner produced as a separate run of its own ``steps`` (the v2 design: one run
+per label, one process), and its labels are compared with the v3 rows (held-out and train loss,
+divergence, curves, and the per-model ``ladder_summary`` labels). Runs per CPU-hour: rows ÷ the
+CPU time of the processes that trained them (``time.process_time``; one torch thread each); runs
+per hour: rows ÷ wall time. Writes ``benchmarks/results/sweep.json``.
 
-    python benchmarks/sweep.py --models 4 --workers 2
+    python benchmarks/sweep.py --models 2 --workers 2
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,82 +30,124 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 SPEC = """
 name = "bench"
-kind = "ladder"
+kind = "full_ladder"
+[ladder]
+adamw = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
+start = 3
+extra_rung = true
+max_runs = 10
+horizons = {horizons}
+[[stage]]
+name = "bench"
 n_models = {models}
 seed = 0
-
-[model]
+[stage.model]
 family = "gpt"
 norm = "pre_ln"
-d_model = 64
-n_layers = 4
-n_heads = 4
-mlp_ratio = {mlp_ratio}
+d_model = 32
+n_layers = 2
+n_heads = 2
+mlp_ratio = 4
 seq_len = 32
-profile_samples = 512
-kreiss_grid = "{kreiss_grid}"
-
-[train]
-batch_size = 16
+profile_samples = 256
+kreiss_grid = "31x12"
+[stage.train]
+task = "text_bytes"
+batch_size = 8
 steps = {steps}
-optimizer = "adamw"
 warmup = 10
-
-[ladder]
-adamw = [1e-4, 3e-4, 1e-3, 3e-3]
-start = 0
-min_runs = 4
+eval_batches = 4
 """
+
+
+def plain_rows(rows) -> tuple[list[dict], float, float]:
+    """Each row's config trained as a separate run in this process: (labels, cpu s, wall s)."""
+    import torch
+
+    from risk_model.sweep.archs import build_network
+    from risk_model.sweep.spec import RunConfig
+    from risk_model.sweep.trainer import make_run_task, run_labels, train, v3_labels
+
+    torch.set_num_threads(1)
+    fields = set(RunConfig.__dataclass_fields__)
+    out = []
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _, r in rows.iterrows():
+        cfg = RunConfig(**{k: (r[k].item() if hasattr(r[k], "item") else r[k]) for k in fields})
+        torch.manual_seed(cfg.seed)
+        model = build_network(cfg.model_args())
+        task = make_run_task(cfg)
+        res = train(model, cfg, task)
+        out.append({**run_labels(res, task), **v3_labels(res, cfg.steps), "run_id": r["run_id"]})
+    return out, time.process_time() - c0, time.perf_counter() - w0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", type=int, default=4, help="models (4 runs each)")
+    ap.add_argument("--models", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--mlp-ratio", type=int, default=4)
-    ap.add_argument("--kreiss-grid", default="31x12", help="as in corpus-v2; '' = featurizer default")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--horizons", default="60,200")
     ap.add_argument("--note", default="", help="free text stored with the result")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep.json")
     args = ap.parse_args()
 
+    import pandas as pd
+
+    from risk_model.labels import ladder_summary
     from risk_model.sweep.runner import load_corpus, run_sweep
 
+    hz = [int(h) for h in args.horizons.split(",") if h]
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     try:
         spec = tmp / "spec.toml"
-        spec.write_text(SPEC.format(models=args.models, steps=args.steps, mlp_ratio=args.mlp_ratio,
-                                    kreiss_grid=args.kreiss_grid))
+        spec.write_text(SPEC.format(models=args.models, steps=args.steps, horizons=hz))
         load_before = os.getloadavg()
         t0 = time.perf_counter()
         summary = run_sweep(spec, tmp / "out", workers=args.workers, progress=False)
-        wall = time.perf_counter() - t0
-        load_after = os.getloadavg()
+        v3_wall = time.perf_counter() - t0
         runs, _ = load_corpus(tmp / "out")
-        errors = (tmp / "out" / "errors.jsonl").read_text() if (tmp / "out" / "errors.jsonl").exists() else ""
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    plain, p_cpu, p_wall = plain_rows(runs)
+    load_after = os.getloadavg()
+    p = pd.DataFrame(plain).set_index("run_id").loc[runs["run_id"]]
+    v = runs.set_index("run_id")
+    same = {}
+    for col in ("final_eval_loss", "final_train_loss", "diverged", "diverge_step", "update_rms_ratio"):
+        a, b = v[col].to_numpy(), p[col].to_numpy()
+        same[col] = bool(all((x == y) or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
+                             for x, y in zip(a, b)))
+    same["loss_curve_10"] = all(list(x) == list(y) for x, y in zip(v["loss_curve_10"], p["loss_curve_10"]))
+    # per-model labels from the plain runs, each (model, steps) ladder on its own
+    lab_same = True
+    for (mid, steps), g in v.reset_index().groupby(["model_id", "steps"]):
+        pg = p.loc[g["run_id"]]
+        s = ladder_summary(list(g["lr"]), list(pg["final_eval_loss"]), list(pg["diverged"]),
+                           float(g["marginal_loss"].iloc[0]))
+        lab_same &= list(g["failed"]) == s["failed"] and all(
+            (g[k].iloc[0] == s[k]) or (math.isnan(g[k].iloc[0]) and math.isnan(s[k]))
+            for k in ("lr_best", "lr_fail_min", "lr_fail_lo", "lr_diverge_min"))
+    same["failed_and_per_model_labels"] = bool(lab_same)
+    n = len(runs)
+    v3_cpu = summary["cpu_seconds"]
     result = dict(
         benchmark="sweep",
-        config=dict(d_model=64, n_layers=4, steps=args.steps, seq_len=32, batch_size=16,
-                    mlp_ratio=args.mlp_ratio, profile_samples=512, kreiss_grid=args.kreiss_grid,
-                    design="ladder: one profile per model, 4 AdamW rungs 1e-4 … 3e-3"),
-        models=int(summary["planned"]),
-        runs=int(summary["ran"]),
-        failed=int(summary["failed"]),
-        workers=args.workers,
-        wall_seconds=round(wall, 2),
-        runs_per_hour=round(3600 * summary["ran"] / wall, 1),
-        target_runs_per_hour=1000,
-        seconds_per_run_mean=round(float(runs["seconds"].mean()), 2),
-        profile_seconds_per_model=round(float(runs.groupby("model_id")["profile_seconds"].first().mean()), 2),
-        diverged=int(runs["diverged"].sum()),
+        config=dict(d_model=32, n_layers=2, seq_len=32, batch_size=8, task="text_bytes", steps=args.steps,
+                    horizons=hz, eval_batches=4, design="full_ladder (up to first failed, extra rung)"),
+        models=args.models, rows=n, rows_per_steps=runs.groupby("steps").size().to_dict(),
+        trained_runs=int((runs["steps"] == args.steps).sum()),
+        v3=dict(workers=args.workers, wall_seconds=round(v3_wall, 2), cpu_seconds=round(v3_cpu, 2),
+                runs_per_cpu_hour=round(3600 * n / v3_cpu, 1), runs_per_hour=round(3600 * n / v3_wall, 1)),
+        plain=dict(workers=1, wall_seconds=round(p_wall, 2), cpu_seconds=round(p_cpu, 2),
+                   runs_per_cpu_hour=round(3600 * n / p_cpu, 1), runs_per_hour=round(3600 * n / p_wall, 1)),
+        speedup_per_cpu_hour=round(p_cpu / v3_cpu, 2), speedup_per_wall_hour=round(p_wall / v3_wall, 2),
+        labels_identical=same,
         cpu_count=os.cpu_count(),
         load_average_before=[round(x, 2) for x in load_before],
         load_average_after=[round(x, 2) for x in load_after],
-        machine=platform.platform(),
-        python=platform.python_version(),
-        date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        note=args.note,
-        errors=errors.splitlines()[:3],
+        machine=platform.platform(), python=platform.python_version(),
+        date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), note=args.note,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -36,6 +36,9 @@ def divergence_reason(loss: float, grad_norm: float) -> str | None:
 LOST_FRACTION = 0.5
 #: the model never learns when its best final eval loss B ≥ (1 − NEVER_LEARNS_MARGIN) · R.
 NEVER_LEARNS_MARGIN = 0.02
+#: a run below the model's best LR is too slow (the full-ladder walk goes no lower) when its final
+#: eval loss is above B + TOO_SLOW_FRACTION · (R − B): it learned less than half of what the best learned.
+TOO_SLOW_FRACTION = 0.5
 #: a run is unstable when its smoothed loss ends more than this fraction of its progress above its minimum.
 UNSTABLE_FRACTION = 0.5
 #: the smoothing window of ``unstable``, as a fraction of the curve's points (at least one point).
@@ -70,6 +73,17 @@ def failed(diverged: bool, lr: float, final_loss: float, best_lr: float, best_lo
         return False
     limit = best_loss + LOST_FRACTION * (marginal_loss - best_loss)
     return not math.isfinite(final_loss) or final_loss > limit
+
+
+def too_slow(final_loss: float, best_loss: float, marginal_loss: float) -> bool:
+    """True when a run's final eval loss is above ``B + TOO_SLOW_FRACTION · (R − B)`` (or not
+    finite): it learned less than half of what the model's best run learned. The full-ladder walk
+    (``risk_model.sweep.full_ladder``) stops going down there; it is not a failure.
+
+    >>> too_slow(5.0, 2.0, 5.54), too_slow(3.0, 2.0, 5.54)
+    (True, False)
+    """
+    return not math.isfinite(final_loss) or final_loss > best_loss + TOO_SLOW_FRACTION * (marginal_loss - best_loss)
 
 
 def _smooth(values) -> list[float]:

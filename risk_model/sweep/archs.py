@@ -8,6 +8,16 @@ Families (a run's ``family`` names its architecture class)
     hf_llama      : ``transformers.LlamaForCausalLM`` (RoPE, RMSNorm, SwiGLU, untied head)
     hf_neox       : ``transformers.GPTNeoXForCausalLM`` (partial RoPE, parallel attention + MLP
                     residual, LayerNorm, untied head)
+    hf_gptj       : ``transformers.GPTJForCausalLM`` (one LayerNorm, attention and MLP in parallel,
+                    rotary on half of each head, untied head)                       [corpus-v3]
+    hf_bloom      : ``transformers.BloomForCausalLM`` (ALiBi position biases, no position
+                    embedding, LayerNorm after the embedding, MLP 4×, tied head)    [corpus-v3]
+    hf_qwen3      : ``transformers.Qwen3ForCausalLM`` (RMSNorm on queries and keys: qk-norm,
+                    RoPE, SwiGLU, grouped-query attention with 2 heads per KV head) [corpus-v3]
+    hf_gemma      : ``transformers.GemmaForCausalLM`` (embeddings scaled by √d, RMSNorm with
+                    (1 + w) gains, GeGLU MLP, multi-query attention, tied head)    [corpus-v3]
+    hf_phi        : ``transformers.PhiForCausalLM`` (parallel attention + MLP, rotary on half
+                    of each head, LayerNorm, untied head with bias)                 [corpus-v3]
 
 Initialisation knobs, the same for every family
     init_std  : std of every weight matrix not named below (the HF ``initializer_range``)
@@ -31,7 +41,7 @@ from risk_model.zoo import FAMILIES as ZOO_FAMILIES
 from risk_model.zoo import MODEL_ARG_NAMES as ZOO_ARG_NAMES
 from risk_model.zoo import NORMS, RMSNorm, build_model as build_zoo_model
 
-HF_FAMILIES = ("hf_gpt2", "hf_llama", "hf_neox")
+HF_FAMILIES = ("hf_gpt2", "hf_llama", "hf_neox", "hf_gptj", "hf_bloom", "hf_qwen3", "hf_gemma", "hf_phi")
 FAMILIES = ZOO_FAMILIES + ("mamba",) + HF_FAMILIES
 # norm placements each family can take (the HF families have their own, fixed one)
 FAMILY_NORMS = {
@@ -40,6 +50,11 @@ FAMILY_NORMS = {
     "hf_gpt2": ("pre_ln",),
     "hf_llama": ("rmsnorm",),
     "hf_neox": ("pre_ln",),
+    "hf_gptj": ("pre_ln",),
+    "hf_bloom": ("pre_ln",),
+    "hf_qwen3": ("rmsnorm",),
+    "hf_gemma": ("rmsnorm",),
+    "hf_phi": ("pre_ln",),
 }
 
 
@@ -190,6 +205,43 @@ def _hf_model(family: str, a: dict) -> nn.Module:
         model = transformers.GPTNeoXForCausalLM(cfg)
         out_names = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
         emb_names, out_rule = ("embed_in.weight",), a["init_std"]
+    elif family == "hf_gptj":
+        cfg = transformers.GPTJConfig(n_embd=d, n_layer=L, n_head=H, n_positions=a["block_size"],
+                                      rotary_dim=max(2, (d // H) // 2 // 2 * 2), n_inner=a["mlp_ratio"] * d,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      tie_word_embeddings=False, **common)
+        model, out_names = transformers.GPTJForCausalLM(cfg), ("attn.out_proj.weight", "mlp.fc_out.weight")
+        emb_names, out_rule = ("wte.weight",), a["init_std"]
+    elif family == "hf_bloom":
+        cfg = transformers.BloomConfig(hidden_size=d, n_layer=L, n_head=H, hidden_dropout=0.0,
+                                       attention_dropout=0.0, **common)
+        model = transformers.BloomForCausalLM(cfg)
+        out_names = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
+        emb_names, out_rule = ("word_embeddings.weight",), a["init_std"]
+    elif family == "hf_qwen3":
+        cfg = transformers.Qwen3Config(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+                                       num_key_value_heads=max(1, H // 2) if H % 2 == 0 else H,
+                                       head_dim=d // H, intermediate_size=a["mlp_ratio"] * d,
+                                       max_position_embeddings=a["block_size"], tie_word_embeddings=False,
+                                       attention_dropout=0.0, **common)
+        model, out_names = transformers.Qwen3ForCausalLM(cfg), ("o_proj.weight", "down_proj.weight")
+        emb_names, out_rule = ("embed_tokens.weight",), a["init_std"]
+    elif family == "hf_gemma":
+        cfg = transformers.GemmaConfig(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+                                       num_key_value_heads=1, head_dim=d // H,
+                                       intermediate_size=a["mlp_ratio"] * d,
+                                       max_position_embeddings=a["block_size"], attention_dropout=0.0,
+                                       **common)
+        model, out_names = transformers.GemmaForCausalLM(cfg), ("o_proj.weight", "down_proj.weight")
+        emb_names, out_rule = ("embed_tokens.weight",), a["init_std"]
+    elif family == "hf_phi":
+        cfg = transformers.PhiConfig(hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+                                     intermediate_size=a["mlp_ratio"] * d, partial_rotary_factor=0.5,
+                                     max_position_embeddings=a["block_size"], resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+                                     **common)
+        model, out_names = transformers.PhiForCausalLM(cfg), ("self_attn.dense.weight", "mlp.fc2.weight")
+        emb_names, out_rule = ("embed_tokens.weight",), a["init_std"]
     else:
         raise ValueError(f"unknown Hugging Face family {family!r}")
     emb = a["embed_std"] or a["init_std"]

@@ -18,6 +18,7 @@ def sweep_command(
     backend: str = typer.Option("joblib", "--backend", help="joblib (local processes) or dask."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (with --backend dask)."),
     json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where full-ladder runs train."),
 ) -> None:
     """Train every run of SPEC that OUT does not hold yet and label it (diverged, collapsed).
 
@@ -30,7 +31,7 @@ def sweep_command(
 
     try:
         summary = run_sweep(spec, out, workers=workers, backend=backend, scheduler=scheduler,
-                            progress=not json)
+                            progress=not json, device=device)
     except (SweepSpecError, CorpusError, ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         typer.echo(f"error: {msg}", err=True)

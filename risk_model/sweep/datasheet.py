@@ -2,6 +2,12 @@
 
     python -m risk_model.sweep.datasheet sweeps/corpus-v1
     python -m risk_model.sweep.datasheet datasets/corpus-v2      # ladder corpus: per-model tables too
+    python -m risk_model.sweep.datasheet datasets/corpus-v3 --plot datasets/corpus-v3/lr_fail_scale.png
+
+A full-ladder corpus (corpus-v3: a ``failed`` column) gets the v3 section too: label counts, the
+per-class spread of lr_best and lr_fail_min, the distribution of the best loss relative to the
+marginal loss, and (``--plot``) lr_fail_min against width and horizon on the scale ladders.
+Bad input (no corpus, foreign or corrupt files): one line on stderr, exit 1, nothing written.
 """
 from __future__ import annotations
 
@@ -122,8 +128,118 @@ def ladder_markdown(runs: pd.DataFrame, layers: pd.DataFrame | None = None) -> s
     return "\n\n".join(out) + "\n"
 
 
-if __name__ == "__main__":
+def _per_model(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, horizon) of a full-ladder corpus: its per-model labels."""
+    cols = ["model_id", "steps", "family", "d_model", "n_layers", "stage", "optimizer", "marginal_loss",
+            "best_loss", "lr_best", "lr_fail_min", "lr_fail_lo", "lr_diverge_min", "never_learns"]
+    return runs.groupby(["model_id", "steps"], sort=True).first().reset_index()[
+        [c for c in cols if c in runs.columns or c in ("model_id", "steps")]]
+
+
+def full_ladder_markdown(runs: pd.DataFrame) -> str:
+    """The corpus-v3 section: label counts, lr spread per class, best vs marginal loss."""
+    import numpy as np
+
+    m = _per_model(runs)
+    longest = m[m["steps"] == m.groupby("model_id")["steps"].transform("max")]
+    lines = [
+        f"- rows: **{len(runs)}** (of them read at a horizon of a longer run: "
+        f"{int((runs['steps'] < runs['horizon_of']).sum())}), models: **{runs['model_id'].nunique()}**",
+        f"- failed: **{int(runs['failed'].sum())}**, unstable: **{int(runs['unstable'].sum())}**, "
+        f"diverged: **{int(runs['diverged'].sum())}**, models that never learn: "
+        f"{int(longest['never_learns'].astype(bool).sum())}",
+        f"- lr_fail_min found (a failed rung above lr_best) on {100 * longest['lr_fail_min'].notna().mean():.1f}% "
+        f"of the models; lr_diverge_min on {100 * longest['lr_diverge_min'].notna().mean():.1f}%",
+    ]
+    out = ["\n".join(lines)]
+    counts = runs.groupby("steps").agg(rows=("run_id", "size"), failed=("failed", "sum"),
+                                       unstable=("unstable", "sum"), diverged=("diverged", "sum")).reset_index()
+    out.append("**Labels per horizon (steps)**\n\n" + _table(counts))
+
+    def q(x: pd.Series) -> str:
+        x = x.dropna()
+        if not len(x):
+            return "–"
+        return " / ".join(f"{v:.3g}" for v in np.quantile(x, [0.1, 0.5, 0.9]))
+
+    fam = longest.groupby(["family", "optimizer"]).agg(
+        models=("model_id", "size"), lr_best_q10_50_90=("lr_best", q),
+        lr_fail_min_q10_50_90=("lr_fail_min", q),
+        fail_over_best_median=("lr_fail_min", lambda x: float(np.nanmedian(
+            (x / longest.loc[x.index, "lr_best"]).to_numpy())) if x.notna().any() else float("nan")),
+    ).reset_index()
+    out.append("**Per class: spread of lr_best and lr_fail_min (longest horizon, 10% / 50% / 90%)**\n\n"
+               + _table(fam))
+    rel = (longest["best_loss"] / longest["marginal_loss"]).replace([np.inf, -np.inf], np.nan)
+    dist = pd.DataFrame({"B / R": _bins(rel, [0, 0.25, 0.5, 0.75, 0.9, 0.98, 1.0, 10.0], "{:g}")})
+    dist = dist.groupby("B / R").size().rename("models").reset_index()
+    out.append("**Best final eval loss B relative to the marginal loss R (models, longest horizon)**\n\n"
+               + _table(dist))
+    return "\n\n".join(out) + "\n"
+
+
+def plot_scale(runs: pd.DataFrame, path: Path) -> Path:
+    """lr_fail_min against width (scale-width stages) per horizon, written atomically to ``path``."""
+    import os
+
+    from matplotlib.figure import Figure   # no pyplot: no global figure state, no backend switch
+
+    m = _per_model(runs)
+    m = m[m["stage"].astype(str).str.startswith("scale-width")]
+    if not len(m):
+        raise ValueError("no scale-width models in this corpus: nothing to plot")
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    for (fam, steps), g in m.groupby(["family", "steps"]):
+        g = g.sort_values("d_model")
+        ax.plot(g["d_model"], g["lr_fail_min"], marker="o", label=f"{fam}, {steps} steps")
+    ax.set(xscale="log", yscale="log", xlabel="width d_model", ylabel="lr_fail_min",
+           title="first failed LR on the scale ladders")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: the datasheet Markdown of a corpus folder on stdout (module doc)."""
+    import argparse
+
+    from risk_model.errors import CorpusError
+
     from .runner import load_corpus
 
-    runs, layers = load_corpus(Path(sys.argv[1]))
-    sys.stdout.write(ladder_markdown(runs, layers) if "model_id" in runs else summary_markdown(runs, layers))
+    ap = argparse.ArgumentParser(description="datasheet tables of a sweep corpus")
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of lr_fail_min vs width (full-ladder corpora)")
+    args = ap.parse_args(argv)
+    try:
+        runs, layers = load_corpus(args.corpus)
+        if "failed" in runs:
+            text = ladder_v3_markdown(runs, layers)
+        else:
+            text = ladder_markdown(runs, layers) if "model_id" in runs else summary_markdown(runs, layers)
+        if args.plot is not None:
+            plot_scale(runs, args.plot)
+    except (CorpusError, OSError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
+def ladder_v3_markdown(runs: pd.DataFrame, layers: pd.DataFrame | None = None) -> str:
+    """A full-ladder corpus: the v3 section, then the per-run tables of a ladder corpus."""
+    runs = runs.assign(bracketed=runs["lr_fail_min"].notna() & runs["lr_fail_lo"].notna())
+    return full_ladder_markdown(runs) + "\n" + ladder_markdown(runs, layers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

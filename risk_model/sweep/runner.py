@@ -9,8 +9,9 @@ Layout of an output folder::
     OUT/errors.jsonl     runs that raised (not stored; retried by the next invocation)
 
 A *unit* is what one worker does in one go: a run (a ``sweep`` spec; layers keyed by ``run_id``)
-or a model with its learning-rate ladder (a ``ladder`` spec, ``risk_model.sweep.ladder``; its
-runs and its layers keyed by ``model_id``). Every file is written to a temporary name and moved
+or a model with its learning-rate ladder (a ``ladder`` spec, ``risk_model.sweep.ladder``, or a
+``full_ladder`` spec, ``risk_model.sweep.full_ladder``: one row per run and horizon; its runs and
+its layers keyed by ``model_id``). Every file is written to a temporary name and moved
 into place with ``os.replace``, so a reader (or a killed sweep) only ever sees complete files. A
 unit counts as finished once its ``runs`` part exists (its ``layers`` part is written first). Consolidation merges the parts into
 ``runs.parquet``/``layers.parquet`` (deduplicated by run id; layers before runs) and only then
@@ -178,6 +179,10 @@ def load_corpus(out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def load_any_spec(path: str | Path):
     """A ``SweepSpec`` (one run per config) or, for ``kind = "ladder"``, a ``LadderSpec``."""
     data, text = read_toml(path)
+    if data.get("kind", "runs") == "full_ladder":
+        from .full_ladder import parse_full_ladder_spec
+
+        return parse_full_ladder_spec(data, source=text)
     if data.get("kind", "runs") == "ladder":
         from .ladder import parse_ladder_spec
 
@@ -185,7 +190,7 @@ def load_any_spec(path: str | Path):
     if data.get("kind", "runs") != "runs":
         from .spec import SweepSpecError
 
-        raise SweepSpecError(f"kind must be 'runs' or 'ladder', got {data['kind']!r}")
+        raise SweepSpecError(f"kind must be 'runs', 'ladder' or 'full_ladder', got {data['kind']!r}")
     return parse_spec(data, source=text)
 
 
@@ -222,10 +227,11 @@ def _die_with(parent_pid: int) -> None:
     threading.Thread(target=watch, name="die-with-sweep", daemon=True).start()
 
 
-def execute(unit: dict, out: str | None = None, parent_pid: int | None = None) -> dict:
+def execute(unit: dict, out: str | None = None, parent_pid: int | None = None, device: str = "cpu") -> dict:
     """Do one unit in this process. With ``out`` it is stored there and a short summary returned;
     without, the summary carries ``rows`` and ``layers`` for the caller to store. With
-    ``parent_pid`` (local worker processes) the process exits when that process is gone."""
+    ``parent_pid`` (local worker processes) the process exits when that process is gone.
+    ``device``: where full-ladder units train (``"cuda"`` on a GPU machine; the profile stays on CPU)."""
     if parent_pid is not None:
         _die_with(parent_pid)
     import torch
@@ -233,9 +239,14 @@ def execute(unit: dict, out: str | None = None, parent_pid: int | None = None) -
     torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
 
+    cpu0 = time.process_time()
     try:
         with threadpool_limits(1):
-            if "rungs" in unit:
+            if unit.get("walk") == "full":
+                from .full_ladder import train_full_ladder
+
+                rows, layers = train_full_ladder(unit, device)
+            elif "rungs" in unit:
                 from .ladder import train_ladder
 
                 rows, layers = train_ladder(unit)
@@ -247,7 +258,7 @@ def execute(unit: dict, out: str | None = None, parent_pid: int | None = None) -
     except Exception as e:  # noqa: BLE001 - recorded in errors.jsonl, the unit is retried later
         return dict(unit_id=unit["unit_id"], error=f"{type(e).__name__}: {e}"[:500])
     res = dict(unit_id=unit["unit_id"], runs=len(rows), diverged=sum(bool(r["diverged"]) for r in rows),
-               seconds=sum(r["seconds"] for r in rows))
+               seconds=sum(r["seconds"] for r in rows), cpu_seconds=time.process_time() - cpu0)
     if out is None:
         res.update(rows=rows, layers=layers)
     else:
@@ -255,13 +266,14 @@ def execute(unit: dict, out: str | None = None, parent_pid: int | None = None) -
     return res
 
 
-def _results(todo: list[dict], out: Path, workers: int, backend: str, scheduler: str | None):
+def _results(todo: list[dict], out: Path, workers: int, backend: str, scheduler: str | None,
+             device: str = "cpu"):
     """Yield each run's summary as it finishes (in completion order)."""
     if backend == "dask":
         from dask.distributed import Client, as_completed
 
         with Client(scheduler) as client:
-            futures = client.map(execute, todo, pure=False)  # results come back; stored here
+            futures = client.map(execute, todo, pure=False, device=device)  # results come back; stored here
             for fut in as_completed(futures):
                 res = fut.result()
                 if "rows" in res:
@@ -269,13 +281,13 @@ def _results(todo: list[dict], out: Path, workers: int, backend: str, scheduler:
                 yield res
     elif workers <= 1:
         for cfg in todo:
-            yield execute(cfg, str(out))
+            yield execute(cfg, str(out), device=device)
     else:
         from joblib import Parallel, delayed
 
         par = Parallel(n_jobs=workers, return_as="generator_unordered", batch_size=1,
                        pre_dispatch="2*n_jobs")
-        yield from par(delayed(execute)(cfg, str(out), os.getpid()) for cfg in todo)
+        yield from par(delayed(execute)(cfg, str(out), os.getpid(), device) for cfg in todo)
 
 
 class _Progress:
@@ -325,6 +337,7 @@ def run_sweep(
     backend: str = "joblib",
     scheduler: str | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Run every config of a spec that ``out_dir`` does not hold yet.
 
@@ -335,6 +348,7 @@ def run_sweep(
     workers : joblib processes (ignored by the Dask backend)
     backend : ``"joblib"`` or ``"dask"`` (then ``scheduler`` is the scheduler address)
     progress : show a progress bar with ETA (on stderr)
+    device : ``"cpu"`` or ``"cuda"``: where full-ladder units train
 
     Returns
     -------
@@ -354,6 +368,8 @@ def run_sweep(
         raise ValueError("backend dask needs a scheduler address (--scheduler tcp://HOST:PORT)")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
     t0 = time.time()
     spec = load_any_spec(spec_path)
     units = spec_units(spec)
@@ -367,8 +383,9 @@ def run_sweep(
     todo = [u for u in units if u["unit_id"] not in done]
     bar = _Progress(len(todo), progress, "models" if hasattr(spec, "units") else "runs")
     ran = failed = diverged = 0
+    cpu = 0.0
     try:
-        for res in _results(todo, out, workers, backend, scheduler):
+        for res in _results(todo, out, workers, backend, scheduler, device):
             if "error" in res:
                 failed += 1
                 with open(out / "errors.jsonl", "a") as fh:
@@ -376,11 +393,12 @@ def run_sweep(
             else:
                 ran += res["runs"]
                 diverged += res["diverged"]
+                cpu += res.get("cpu_seconds", 0.0)
             bar.update(res)
     finally:
         bar.close()
     n_runs, n_layers = consolidate(out)
     return dict(planned=len(units), already_done=len(units) - len(todo), ran=ran,
                 failed=failed, diverged=diverged, runs=n_runs, layer_rows=n_layers,
-                seconds=round(time.time() - t0, 2), runs_path=str(out / RUNS),
+                seconds=round(time.time() - t0, 2), cpu_seconds=round(cpu, 2), runs_path=str(out / RUNS),
                 layers_path=str(out / LAYERS))

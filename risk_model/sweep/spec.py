@@ -77,6 +77,14 @@ class RunConfig:
     steps: int = 300
     grad_clip: float = 0.0        # 0: no clipping
     seed: int = 0
+    # recipe knobs of corpus-v3 (trainer module doc)
+    beta2: float = 0.95           # AdamW β2 (β1 = 0.9)
+    eps: float = 1e-8             # AdamW ε
+    momentum: float = 0.9         # SGD momentum
+    schedule: str = "constant"    # after warmup: "constant" or "cosine" (to 10% of lr at the last step)
+    accum: int = 1                # gradient accumulation: batch_size is split into this many micro-batches
+    eval_batches: int = 0         # held-out batches of batch_size evaluated at the end (0: none, as v2)
+    horizons: str = ""            # "300,1000": also evaluate (and give a row) after these many steps
     kss_alpha: float = 0.0
     kss_every: int = 10
     # init profile
@@ -93,13 +101,31 @@ class RunConfig:
 
 # fields added with corpus-v2: left out of the run id while at their default, so corpus-v1's
 # run ids (and its resumable sweeps) stay what they were
-_ID_OPTIONAL = {"init_std": 0.02, "embed_std": 0.0, "out_std": 0.0}
+_ID_OPTIONAL = {"init_std": 0.02, "embed_std": 0.0, "out_std": 0.0,
+                # corpus-v3 recipe fields, likewise (corpus-v2's run ids stay)
+                "beta2": 0.95, "eps": 1e-8, "momentum": 0.9, "schedule": "constant", "accum": 1,
+                "eval_batches": 0}
+# never in the run id: where a run is also read out does not change the run (its horizon rows have
+# the run ids of the shorter runs they stand for)
+_ID_EXCLUDED = ("horizons",)
+SCHEDULES = ("constant", "cosine")
 
 
 RUN_FIELDS = {f.name: f.type for f in fields(RunConfig)}
 _INT = {k for k, t in RUN_FIELDS.items() if t == "int"}
 _FLOAT = {k for k, t in RUN_FIELDS.items() if t == "float"}
-_CHOICES = {"family": FAMILIES, "norm": NORMS, "task": TASKS, "optimizer": OPTIMIZERS}
+_CHOICES = {"family": FAMILIES, "norm": NORMS, "task": TASKS, "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES}
+
+
+def horizon_steps(horizons: str) -> list[int]:
+    """The step counts of a ``horizons`` string ("300,1000" -> [300, 1000]); ValueError if malformed."""
+    if not horizons:
+        return []
+    parts = horizons.split(",")
+    if not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"horizons must be comma-separated positive step counts, got {horizons!r}")
+    return sorted({int(p) for p in parts})
 
 
 def _coerce(key: str, value):
@@ -118,6 +144,14 @@ def _coerce(key: str, value):
             len(value.split("x")) == 2 and all(p.isdigit() and int(p) >= 2 for p in value.split("x"))))
         if not ok:
             raise SweepSpecError(f"kreiss_grid must be 'THETAxR' (e.g. '61x18') or '', got {value!r}")
+        return value
+    if key == "horizons":
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        try:
+            horizon_steps(value if isinstance(value, str) else "?")
+        except ValueError as e:
+            raise SweepSpecError(str(e)) from None
         return value
     if key in _CHOICES and value not in _CHOICES[key]:
         raise SweepSpecError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
@@ -138,10 +172,14 @@ def _single_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("kss_alpha", cfg.kss_alpha >= 0, "must be >= 0"),
         ("warmup", cfg.warmup >= 0, "must be >= 0"),
         ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("beta2", 0 < cfg.beta2 < 1, "must be in (0, 1)"),
+        ("eps", cfg.eps > 0, "must be > 0"),
+        ("momentum", 0 <= cfg.momentum < 1, "must be in [0, 1)"),
+        ("eval_batches", cfg.eval_batches >= 0, "must be >= 0 (0: no held-out evaluation)"),
     ]
     for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "n_experts", "top_k", "kan_grid",
                 "seq_len", "vocab_size", "batch_size", "steps", "kss_every", "profile_samples",
-                "profile_rank"):
+                "profile_rank", "accum"):
         checks.append((key, getattr(cfg, key) >= 1, "must be >= 1"))
     return checks
 
@@ -165,6 +203,13 @@ def _cross_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("seq_len", cfg.task != "assoc_recall" or cfg.seq_len >= 9,
          "must be >= 9 for assoc_recall (4 pairs + query)"),
         ("profile_samples", cfg.profile_samples >= 2, "must be >= 2"),
+        ("accum", cfg.batch_size % cfg.accum == 0, f"must divide batch_size={cfg.batch_size}"),
+        ("vocab_size", cfg.task != "text_bytes" or cfg.vocab_size == 256, "must be 256 for text_bytes"),
+        ("horizons", all(h < cfg.steps for h in horizon_steps(cfg.horizons)),
+         f"must all be below steps={cfg.steps}"),
+        ("horizons", not cfg.horizons or cfg.schedule == "constant",
+         "need schedule = 'constant' (a cosine schedule depends on the total steps)"),
+        ("horizons", not cfg.horizons or cfg.kss_alpha == 0, "are not supported with KSS"),
     ]
 
 
@@ -188,6 +233,8 @@ def _canonical(d: dict) -> str:
 
 def _id_fields(cfg: RunConfig) -> dict:
     d = asdict(cfg)
+    for key in _ID_EXCLUDED:
+        d.pop(key)
     for key, default in _ID_OPTIONAL.items():
         if d[key] == default:
             d.pop(key)

@@ -20,6 +20,24 @@ Baselines (paper Table 2)
     exceeds 1.5 × the median of the previous (up to) 20 losses, counted once at least 5 previous
     losses exist; a non-finite loss is a spike **(ours)**.
 
+Recipe (corpus-v3 fields of ``RunConfig``)
+    lr at step t (1-based): ``lr · min(1, t / warmup)`` during warmup, then constant, or with
+    ``schedule = "cosine"`` ``lr · (0.1 + 0.9 · ½(1 + cos(π (t − W) / (steps − W))))`` for t > W
+    (W = warmup): it reaches 10% of lr at the last step. AdamW β = (0.9, ``beta2``), ε = ``eps``;
+    SGD momentum ``momentum``; Lion β = (0.9, 0.99). ``accum`` > 1 splits each batch of
+    ``batch_size`` into that many micro-batches whose gradients are summed (each loss ÷ accum).
+
+Held-out evaluation and horizons (corpus-v3)
+    With ``eval_batches`` > 0, ``final_eval_loss`` is the mean task loss over the task's fixed
+    held-out batches (``Task.eval_set``), in eval mode without gradients, after the last update
+    (a diverged run: at the weights where it stopped). ``horizons`` (e.g. "300,1000", constant
+    schedule only) evaluates after those many updates as well, and ``horizon_rows`` turns one run
+    into one row per horizon that equals the row of a separate run of that many steps (same seed,
+    same data order, same held-out set): its curves truncated there, its divergence if it came by
+    then. ``update_rms_ratio``: RMS over all parameters of the last update divided by the RMS of
+    the weights before it (NaN for a run that diverged by then). ``loss_curve_10`` and
+    ``grad_norm_curve_10``: the loss and gradient norm at steps 1, 11, 21, … (float32).
+
 The init profile (``featurize.profile``) is taken before the first optimizer step.
 """
 from __future__ import annotations
@@ -33,13 +51,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .spec import RunConfig, config_id, run_id
+from .spec import RunConfig, config_id, horizon_steps, run_id
 from .archs import build_network, logits_of
 from .tasks import make_task
 
 from ..labels import GRAD_LIMIT, LOSS_LIMIT, divergence_reason  # noqa: F401 - the label's limits, re-exported
+from ..labels import unstable
 COLLAPSE_FRACTION = 0.95
 CURVE_POINTS = 50
+CURVE_EVERY = 10
+COSINE_FLOOR = 0.1
 SPIKE_FACTOR, SPIKE_WINDOW, SPIKE_MIN_HISTORY = 1.5, 20, 5
 
 
@@ -63,15 +84,16 @@ class Lion(torch.optim.Optimizer):
         return None
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``adamw`` (β = 0.9, 0.95), ``lion`` (β = 0.9, 0.99) or ``sgd`` (momentum 0.9)."""
+def make_optimizer(name: str, params, lr: float, weight_decay: float, beta2: float = 0.95,
+                   eps: float = 1e-8, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``adamw`` (β = 0.9, ``beta2``; ``eps``), ``lion`` (β = 0.9, 0.99) or ``sgd`` (``momentum``)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), eps=eps, weight_decay=weight_decay,
                                  foreach=True)
     if name == "lion":
         return Lion(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay,
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                foreach=True)
     raise ValueError(f"optimizer must be adamw, lion or sgd, got {name!r}")
 
@@ -133,13 +155,43 @@ class TrainResult:
     grad_norms: np.ndarray      # (steps_run,) global gradient norm before clipping
     diverge_step: int           # 1-based step of divergence; -1 if none
     diverge_reason: str         # "", "nonfinite", "loss" or "grad_norm"
+    eval_losses: dict | None = None    # {updates: held-out loss} at the horizons and the end
+    update_rms: dict | None = None     # {updates: RMS(last update) / RMS(weights)}
+    stop_eval_loss: float = math.nan   # held-out loss where a diverged run stopped
 
 
-def train(model, cfg: RunConfig, task) -> TrainResult:
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """The learning rate of 1-based ``step`` (module doc: warmup, then constant or cosine)."""
+    lr = cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+    if cfg.schedule == "cosine" and step > cfg.warmup:
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        lr = cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lr
+
+
+@torch.no_grad()
+def evaluate(model, task, batches, device: str = "cpu") -> float:
+    """Mean task loss over held-out ``batches`` in eval mode (restores train mode)."""
+    model.eval()
+    tot = 0.0
+    for x, y in batches:
+        tot += float(task.loss(logits_of(model(x.to(device))), y.to(device)))
+    model.train()
+    return tot / len(batches)
+
+
+def train(model, cfg: RunConfig, task, device: str = "cpu") -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps on ``task`` (linear warmup, then constant
-    LR), stopping at the first step that meets the divergence rule of the module docstring.
-    Step 1's loss and gradient norm are those of the initial weights."""
-    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    or cosine LR), stopping at the first step that meets the divergence rule of the module
+    docstring. Step 1's loss and gradient norm are those of the initial weights. With
+    ``cfg.eval_batches``, the held-out loss is taken at the horizons and the end."""
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.beta2,
+                         cfg.eps, cfg.momentum)
+    points = set(horizon_steps(cfg.horizons)) | {cfg.steps}
+    held = task.eval_set(cfg.eval_batches) if cfg.eval_batches > 0 else None
+    evals: dict[int, float] = {}
+    urms: dict[int, float] = {}
+    stop_eval = math.nan
     kss = None
     if cfg.kss_alpha > 0:
         from featurize.shaping import KoopmanSpectralShaping
@@ -152,14 +204,22 @@ def train(model, cfg: RunConfig, task) -> TrainResult:
     diverge_step, diverge_reason = -1, ""
     model.train()
     for step in range(1, cfg.steps + 1):
-        lr = cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+        lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = task.batch()
-        loss = task.loss(logits_of(model(x)), y)
-        total = loss + kss.penalty() if kss is not None else loss
+        x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        if cfg.accum == 1:
+            loss = task.loss(logits_of(model(x)), y)
+            total = loss + kss.penalty() if kss is not None else loss
+            total.backward()
+        else:   # micro-batches of batch_size / accum; the recorded loss is their mean
+            loss = 0.0
+            for xm, ym in zip(x.chunk(cfg.accum), y.chunk(cfg.accum)):
+                part = task.loss(logits_of(model(xm)), ym) / cfg.accum
+                (part + kss.penalty() / cfg.accum if kss is not None else part).backward()
+                loss = loss + part.detach()
         if cfg.grad_clip > 0:
             gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         else:
@@ -172,11 +232,48 @@ def train(model, cfg: RunConfig, task) -> TrainResult:
         if reason is not None:
             diverge_step, diverge_reason = step, reason
         if diverge_step > 0:
+            if held is not None:
+                stop_eval = evaluate(model, task, held, device)
             break
+        if step in points:
+            before = [p.detach().clone() for p in params]
         opt.step()
+        if step in points:
+            with torch.no_grad():
+                du = sum(float((p - b).pow(2).sum()) for p, b in zip(params, before))
+                w2 = sum(float(b.pow(2).sum()) for b in before)
+                n = sum(b.numel() for b in before)
+            urms[step] = math.sqrt(du / n) / math.sqrt(w2 / n) if w2 > 0 else math.nan
+            if held is not None:
+                evals[step] = evaluate(model, task, held, device)
     if kss is not None:
         kss.remove()
-    return TrainResult(np.asarray(losses), np.asarray(gnorms), diverge_step, diverge_reason)
+    return TrainResult(np.asarray(losses), np.asarray(gnorms), diverge_step, diverge_reason,
+                       eval_losses=evals, update_rms=urms, stop_eval_loss=stop_eval)
+
+
+def truncate(res: TrainResult, steps: int) -> TrainResult:
+    """The result a separate run of ``steps`` steps would have had (same seed and data): the
+    first ``steps`` steps, diverged only if it diverged by then."""
+    if res.diverge_step > 0 and res.diverge_step <= steps:
+        return res
+    return TrainResult(res.losses[:steps], res.grad_norms[:steps], -1, "", res.eval_losses,
+                       res.update_rms, math.nan)
+
+
+def v3_labels(res: TrainResult, steps: int) -> dict:
+    """The corpus-v3 per-run fields of ``res`` read at ``steps`` updates (module doc); the
+    per-model ``failed`` comes after the ladder (``risk_model.labels.ladder_summary``)."""
+    r = truncate(res, steps)
+    diverged = r.diverge_step > 0
+    ev = r.stop_eval_loss if diverged else (r.eval_losses or {}).get(steps, math.nan)
+    return dict(
+        final_train_loss=float(np.mean(r.losses[-10:])), final_eval_loss=float(ev),
+        update_rms_ratio=math.nan if diverged else float((r.update_rms or {}).get(steps, math.nan)),
+        loss_curve_10=r.losses[::CURVE_EVERY].astype(np.float32).tolist(),
+        grad_norm_curve_10=r.grad_norms[::CURVE_EVERY].astype(np.float32).tolist(),
+        unstable=unstable(r.losses[::CURVE_EVERY], diverged),
+    )
 
 
 def run_labels(res: TrainResult, task) -> dict:
@@ -200,7 +297,21 @@ def run_labels(res: TrainResult, task) -> dict:
 
 def make_run_task(cfg: RunConfig):
     return make_task(cfg.task, seed=cfg.seed, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size,
-                     batch_size=cfg.batch_size)
+                     batch_size=cfg.batch_size, n_eval=cfg.eval_batches * cfg.batch_size)
+
+
+def horizon_rows(res: TrainResult, cfg: RunConfig, task) -> list[tuple[RunConfig, dict]]:
+    """One ``(config, labels)`` per horizon of ``cfg`` and its end, shortest first: the config
+    is that of a separate run of that many steps (``horizons`` empty), the labels are
+    ``run_labels`` and ``v3_labels`` read there, plus ``horizon_of`` (the steps actually run)."""
+    from dataclasses import replace
+
+    out = []
+    for h in horizon_steps(cfg.horizons) + [cfg.steps]:
+        c = replace(cfg, steps=h, horizons="")
+        lab = {**run_labels(truncate(res, h), task), **v3_labels(res, h), "horizon_of": cfg.steps}
+        out.append((c, lab))
+    return out
 
 
 def train_run(cfg: RunConfig) -> tuple[dict, pd.DataFrame]:
