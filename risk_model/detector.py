@@ -50,6 +50,8 @@ FORMAT_VERSION = 1
 
 #: the reasons a verdict can give (None while not failing)
 REASONS = ("non-finite", "loss blow-up", "gradient explosion", "lost progress", "no progress")
+#: the number each reason is logged as (``risk/reason``)
+REASON_CODES = {None: 0, **{r: i for i, r in enumerate(REASONS, 1)}}
 _HARD_REASON = {"nonfinite": "non-finite", "loss": "loss blow-up", "grad_norm": "gradient explosion"}
 
 #: base features (each also enters multiplied by the fraction of steps done) and their reason group
@@ -68,6 +70,8 @@ _EPS = 1e-12
 #: progress below this fraction of the initial loss counts as this much in ``lost`` (an early bump of a
 #: run that has not learned yet is not progress lost)
 LOST_FLOOR = 0.1
+#: the ``lost`` stop is never set below this (half the progress lost, as in the labels)
+LOST_MIN = 0.5
 
 
 @dataclass
@@ -81,9 +85,19 @@ class Verdict:
     features: dict = field(default_factory=dict)
 
     def metrics(self, prefix: str = "risk/") -> dict:
-        """``{prefix}p_failed``, ``{prefix}failing`` (0/1) and ``{prefix}reason`` (a string, "" while not failing)."""
-        return {prefix + "p_failed": float(self.p_failed), prefix + "failing": float(self.failing),
-                prefix + "reason": self.reason or ""}
+        """``{prefix}p_failed``, ``{prefix}failing`` (0/1) and ``{prefix}reason`` as numbers, for
+        loggers that take only numbers (MLflow metrics): the reason is its code in
+        ``REASON_CODES`` (0 while not failing). A P that is not known (hard rules only) is left out."""
+        out = {prefix + "failing": float(self.failing), prefix + "reason": float(REASON_CODES[self.reason])}
+        if math.isfinite(self.p_failed):
+            out[prefix + "p_failed"] = float(self.p_failed)
+        return out
+
+    def message(self) -> str:
+        """The verdict in words, one line."""
+        if not self.failing:
+            return f"step {self.step}: not failing (P(failed by the end) {self.p_failed:.2f})"
+        return f"run failing at step {self.step}: {self.reason} (P(failed by the end) {self.p_failed:.2f})"
 
 
 @dataclass
@@ -199,7 +213,11 @@ class RunWatch:
             self.verdict = Verdict(int(step), False, math.nan, None, feats)
             return self.verdict
         p, contrib = det._proba_one(feats)
-        failing = p >= det.p_stop_ and feats["frac"] >= det.min_fraction
+        late = feats["frac"] >= det.min_fraction
+        if late and feats["progress"] >= LOST_FLOOR and feats["lost"] >= det.lost_stop_:
+            self.verdict = Verdict(int(step), True, p, "lost progress", feats)
+            return self.verdict
+        failing = p >= det.p_stop_ and late
         reason = None
         if failing:
             groups = {}
@@ -237,6 +255,8 @@ class FailureDetector:
     mean_, scale_ : list of float, the standardisation
     coef_ : list of float, intercept_ : float
     p_stop_ : float, P(failed) at or above which a run is failing
+    lost_stop_ : float, the ``lost`` feature at or above which a run is failing ("lost progress"),
+        at least ``LOST_MIN``
     groups_ : dict, feature -> reason group
     n_runs_ : int
     """
@@ -319,23 +339,19 @@ class FailureDetector:
         self.coef_ = [float(v) for v in lr.coef_[0]]
         self.intercept_ = float(lr.intercept_[0])
         self.n_runs_ = int(len(X))
-        # p_stop_: the smallest P that at most false_alarm of the keep-running runs ever reach
-        self.p_stop_ = 1.0
-        peaks = sorted((max((v.p_failed for v in self._soft(c) if v.features["frac"] >= self.min_fraction),
-                            default=0.0) for c, k in zip(X, keep) if k),
-                       reverse=True)
-        allowed = int(math.floor(self.false_alarm * len(peaks)))
-        if peaks:
-            self.p_stop_ = float(np.nextafter(peaks[allowed], 1.0)) if allowed < len(peaks) else 0.0
+        # the two stopping thresholds, so that at most false_alarm of the keep-running runs are ever
+        # stopped: lost_stop_ with half of that budget, then p_stop_ with what is left of it
+        self.lost_stop_ = self.p_stop_ = math.inf
+        soft = [[v for v in self.trajectory(c) if v.reason is None and v.features["frac"] >= self.min_fraction]
+                for c, k in zip(X, keep) if k]
+        budget = int(math.floor(self.false_alarm * len(soft)))
+        lost_peaks = [max((v.features["lost"] for v in t if v.features["progress"] >= LOST_FLOOR), default=0.0)
+                      for t in soft]
+        self.lost_stop_ = max(_threshold(lost_peaks, budget // 2), LOST_MIN)
+        rest = [t for t, lp in zip(soft, lost_peaks) if lp < self.lost_stop_]
+        self.p_stop_ = _threshold([max((v.p_failed for v in t), default=0.0) for t in rest],
+                                  budget - (len(soft) - len(rest)))
         return self
-
-    def _soft(self, curve):
-        """Model verdicts (P only) at every non-hard point of a curve, ignoring the stop."""
-        saved, self.p_stop_ = getattr(self, "p_stop_", None), math.inf
-        try:
-            return [v for v in self.trajectory(curve) if v.reason is None]
-        finally:
-            self.p_stop_ = saved
 
     # ------------------------------------------------------------------ use
     def _check_fitted(self):
@@ -377,7 +393,7 @@ class FailureDetector:
                                 min_fraction=self.min_fraction, smooth=self.smooth,
                                 C=self.C),
                     feature_names=self.feature_names_, mean=self.mean_, scale=self.scale_, coef=self.coef_,
-                    intercept=self.intercept_, p_stop=self.p_stop_, n_runs=self.n_runs_)
+                    intercept=self.intercept_, p_stop=self.p_stop_, lost_stop=self.lost_stop_, n_runs=self.n_runs_)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FailureDetector":
@@ -392,6 +408,7 @@ class FailureDetector:
         det.groups_ = _groups(det.use_marginal)
         det.mean_, det.scale_, det.coef_ = list(d["mean"]), list(d["scale"]), list(d["coef"])
         det.intercept_, det.p_stop_, det.n_runs_ = float(d["intercept"]), float(d["p_stop"]), int(d["n_runs"])
+        det.lost_stop_ = float(d["lost_stop"])
         return det
 
     def save(self, path) -> Path:
@@ -414,6 +431,16 @@ def default_detector_path() -> Path:
     from .serve import default_predictor_path
 
     return default_predictor_path() / "detector" / "detector.json"
+
+
+def _threshold(peaks, allowed: int) -> float:
+    """The smallest value that at most ``allowed`` of ``peaks`` reach."""
+    peaks = sorted(peaks, reverse=True)
+    if allowed < 0 or not peaks:
+        return math.inf if allowed < 0 else 0.0
+    if allowed >= len(peaks):
+        return 0.0
+    return math.nextafter(peaks[allowed], math.inf)
 
 
 def _clip(v: float, lo: float, hi: float) -> float:
