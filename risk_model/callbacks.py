@@ -28,13 +28,12 @@ from __future__ import annotations
 import logging
 import math
 
-from .monitor import DivergenceRiskError, RiskMonitor, check_watch, optimizer_name
+from .errors import UsageError
+from .monitor import ACTIONS, DivergenceRiskError, FailureWatch, RiskMonitor, check_watch, optimizer_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DivergenceRiskError", "LightningRiskCallback", "RiskCallback"]
-
-ACTIONS = ("warn", "stop")
 
 
 class _RiskWatch:
@@ -42,11 +41,16 @@ class _RiskWatch:
     word the messages, and profile every ``every`` steps."""
 
     def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None, blocks=None,
-                 input_shape=None):
+                 input_shape=None, spectral=True, detector=None, detect_every=10):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         check_watch(threshold, every)
+        if int(detect_every) != detect_every or detect_every < 1:
+            raise ValueError(f"detect_every must be a positive integer, got {detect_every!r}")
         self.action = action
+        self.spectral = spectral
+        self.detect_every = int(detect_every)
+        self.failure = FailureWatch(detector, action)
         self.threshold = threshold
         self.every = int(every)
         self.n_samples = n_samples
@@ -93,6 +97,18 @@ class _RiskWatch:
             logger.info("divergence-risk pre-flight: %s", text)
         return self.monitor.preflight_metrics(res)
 
+    @property
+    def verdict(self):
+        """The failure detector's latest verdict (``risk_model.detector.Verdict``; None before any)."""
+        return self.failure.verdict
+
+    def _observe(self, step: int, loss, grad_norm) -> tuple[dict, bool]:
+        """The failure detector on one step: (metrics to log, whether to stop now)."""
+        v = self.failure.observe(step, loss, grad_norm)
+        if v is None:
+            return {}, False
+        return v.metrics(), v.failing and self.action == "stop"
+
     def _step(self, global_step: int, lr) -> dict | None:
         if self.monitor is None or global_step % self.every:
             return None
@@ -110,12 +126,23 @@ def _peak_lr(optimizer) -> float | None:
     return float(lr) if isinstance(lr, (int, float)) and lr > 0 else None
 
 
+def _grad_norm(params) -> float:
+    """The global 2-norm of the parameters' gradients (what clipping sees before it clips)."""
+    import torch
+
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _current_lr(optimizer) -> float | None:
     groups = getattr(optimizer, "param_groups", None)
     return float(groups[0]["lr"]) if groups else None
 
 
 # ==================================================================== Hugging Face
+_HF_TRAIN_KEYS = ("loss", "grad_norm", "learning_rate")
+
+
 def _make_hf_callback():
     from transformers import TrainerCallback
 
@@ -130,11 +157,20 @@ def _make_hf_callback():
         checks, stops and records ``history``, but its metrics reach only the Python log (a
         callback's own ``logs`` keys are not seen by the reporting integrations, which run first).
 
+        The failure detector (``risk_model.detector``) reads every training log of the Trainer
+        (``logging_steps``): ``loss`` and ``grad_norm`` (HF logs ``grad_norm`` only with
+        ``max_grad_norm > 0``; without either key it says so once and does nothing). It logs
+        ``risk/p_failed``, ``risk/failing`` and ``risk/reason`` (the code of
+        ``detector.REASON_CODES``) at each of them; with ``action="stop"`` a failing run is stopped
+        through ``control.should_training_stop`` (the Trainer ends as it ends any run: its
+        checkpoints and weights are left as they are) with one log line giving the reason.
+
         Parameters
         ----------
         action : {"warn", "stop"}, default "warn"
             "stop" raises ``DivergenceRiskError`` from ``on_train_begin`` (no optimizer step runs)
-            when P(divergence) ≥ ``threshold``; "warn" only logs.
+            when P(divergence) ≥ ``threshold``, and stops a run the failure detector finds failing;
+            "warn" only logs.
         threshold : float, default 0.5
         every : int, default 50
             Profile and log every ``every`` optimizer steps.
@@ -142,6 +178,12 @@ def _make_hf_callback():
             Token states per layer of the in-training profile.
         predictor, blocks, input_shape
             As for ``RiskMonitor``.
+        spectral : bool, default True
+            Run the pre-flight check and the spectral watch; False leaves only the failure detector.
+        detector : FailureDetector, str or Path, optional
+            The failure detector; the shipped one when omitted.
+        detect_every : int, default 10
+            Lightning only (the HF callback reads every training log).
 
         Attributes
         ----------
@@ -151,15 +193,26 @@ def _make_hf_callback():
         """
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
-                     blocks=None, input_shape=None):
+                     blocks=None, input_shape=None, spectral=True, detector=None, detect_every=10):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
-                             blocks=blocks, input_shape=input_shape)
+                             blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
+                             detect_every=detect_every)
             self.trainer = None
             self._said_unattached = False
 
         def attach(self, trainer):
             """Register with ``trainer`` (if not yet among its callbacks) and report through its
-            ``log``; returns ``self``."""
+            ``log``; returns ``self``.
+
+            Raises
+            ------
+            UsageError : ``action="stop"`` and ``trainer`` has no ``control.should_training_stop``
+                (it is not a ``transformers.Trainer``, so this callback cannot stop it)
+            """
+            if self.action == "stop" and not hasattr(getattr(trainer, "control", None), "should_training_stop"):
+                raise UsageError(f"action='stop' needs a transformers.Trainer (it stops through "
+                                 f"control.should_training_stop); {type(trainer).__name__} has none: "
+                                 f"use action='warn', or the callback of your framework")
             self.trainer = trainer
             if self not in trainer.callback_handler.callbacks:
                 trainer.add_callback(self)
@@ -186,6 +239,9 @@ def _make_hf_callback():
             warmup = args.get_warmup_steps(steps) if steps else None
             batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+            self.failure.start(steps)
+            if not self.spectral:
+                return
             metrics = self._begin(model, stop_allowed=state.global_step == 0, assumed=assumed, lr=lr,
                                   optimizer=name or str(getattr(args, "optim", None)), warmup=warmup,
                                   batch_size=batch, steps=steps, grad_clip=clip,
@@ -193,7 +249,22 @@ def _make_hf_callback():
             self._report(metrics, state.global_step)
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            self._report(self._step(state.global_step, _current_lr(optimizer)), state.global_step)
+            if self.spectral:
+                self._report(self._step(state.global_step, _current_lr(optimizer)), state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # a training-step log carries the loss, the gradient norm or the LR; ours (risk/...), the
+            # evaluation's and the end-of-training summary do not
+            if not logs or not any(k in logs for k in _HF_TRAIN_KEYS):
+                return
+            missing = [k for k in ("loss", "grad_norm") if k not in logs]
+            if missing:
+                self.failure.missing(missing, "the Trainer's logs (grad_norm is logged only with max_grad_norm > 0)")
+                return
+            metrics, stop = self._observe(state.global_step, logs["loss"], logs["grad_norm"])
+            self._report(metrics, state.global_step)
+            if stop:
+                control.should_training_stop = True
 
     RiskCallback.__module__ = __name__
     return RiskCallback
@@ -213,20 +284,36 @@ def _make_lightning_callback():
         every logger of the trainer (``trainer.loggers``: MLflow, W&B, CSV, …) at the trainer's
         global step.
 
+        The failure detector reads, every ``detect_every`` optimizer steps, the loss that
+        ``training_step`` returned (``outputs["loss"]``) and the gradient norm before clipping (the
+        callback computes it in ``on_before_optimizer_step`` on those steps only); with
+        ``action="stop"`` a failing run is stopped through ``trainer.should_stop``, with one log
+        line giving the reason. ``risk/p_failed``, ``risk/failing`` and ``risk/reason`` go to every
+        logger of the trainer.
+
         Parameters
         ----------
-        action, threshold, every, n_samples, predictor, blocks, input_shape
+        action, threshold, every, n_samples, predictor, blocks, input_shape, spectral, detector
             As for ``RiskCallback``.
+        detect_every : int, default 10
         warmup, batch_size : float, optional
         """
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
-                     blocks=None, input_shape=None, warmup=None, batch_size=None):
+                     blocks=None, input_shape=None, warmup=None, batch_size=None, spectral=True, detector=None,
+                     detect_every=10):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
-                             blocks=blocks, input_shape=input_shape)
+                             blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
+                             detect_every=detect_every)
             self.warmup = warmup
             self.batch_size = batch_size
             self._last_step = None
+            self._grad_norm = None
+
+        def setup(self, trainer, pl_module, stage):
+            if self.action == "stop" and not hasattr(trainer, "should_stop"):
+                raise UsageError(f"action='stop' needs a Lightning Trainer (it stops through trainer.should_stop); "
+                                 f"{type(trainer).__name__} has none: use action='warn'")
 
         @staticmethod
         def _report(trainer, metrics: dict | None) -> None:
@@ -246,6 +333,10 @@ def _make_lightning_callback():
                 est = trainer.estimated_stepping_batches
                 steps = int(est) if isinstance(est, (int, float)) and math.isfinite(est) else None
             clip = trainer.gradient_clip_val or None
+            self.failure.start(steps)
+            self._last_step = trainer.global_step
+            if not self.spectral:
+                return
             metrics = self._begin(pl_module, stop_allowed=trainer.global_step == 0, assumed=assumed,
                                   lr=_peak_lr(opt), optimizer=opt if opt is not None else None,
                                   warmup=self.warmup, batch_size=self.batch_size, steps=steps, grad_clip=clip)
@@ -257,8 +348,24 @@ def _make_lightning_callback():
             if step == self._last_step:  # gradient accumulation: no optimizer step since the last batch
                 return
             self._last_step = step
-            opt = trainer.optimizers[0] if trainer.optimizers else None
-            self._report(trainer, self._step(step, _current_lr(opt)))
+            if step % self.detect_every == 0 and self._grad_norm is not None:
+                loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+                if loss is None:
+                    self.failure.missing("loss", "what training_step returns (the loss, or a dict with 'loss')")
+                else:
+                    metrics, stop = self._observe(step, float(loss), self._grad_norm)
+                    self._report(trainer, metrics)
+                    if stop:
+                        trainer.should_stop = True
+            self._grad_norm = None
+            if self.spectral:
+                opt = trainer.optimizers[0] if trainer.optimizers else None
+                self._report(trainer, self._step(step, _current_lr(opt)))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            # before clipping; only on the steps the detector reads (this step becomes global_step + 1)
+            if self.failure.run is not None and (trainer.global_step + 1) % self.detect_every == 0:
+                self._grad_norm = _grad_norm(pl_module.parameters())
 
     LightningRiskCallback.__module__ = __name__
     return LightningRiskCallback

@@ -55,6 +55,87 @@ _AGG_COLUMNS = ("m_near_mean", "rho_max", "kreiss_max", "update_ratio_mean")
 _OPTIMIZER_CLASSES = {"adamw": "adamw", "adam": "adamw", "sgd": "sgd", "lion": "lion"}
 
 
+class RunFailingError(RiskError):
+    """Raised by ``RiskMonitor.observe`` with ``action="stop"`` when the run is failing.
+
+    Attributes
+    ----------
+    verdict : risk_model.detector.Verdict (step, P(failed), reason)
+    """
+
+    def __init__(self, message: str, verdict=None):
+        super().__init__(message)
+        self.verdict = verdict
+
+
+#: what ``action`` may be, for the monitor and both callbacks
+ACTIONS = ("warn", "stop")
+
+
+class FailureWatch:
+    """The failure detector applied to one training run, for the monitor and both callbacks: builds
+    the ``detector.RunWatch`` once the planned steps are known, reads (step, loss, grad norm), logs
+    one line when the run starts failing (logger ``risk_model.monitor``), and says once which input
+    it lacks.
+
+    Parameters
+    ----------
+    detector : FailureDetector, str or Path, optional
+        The fitted detector or its JSON file; the shipped one (``models/default/detector``) when omitted.
+    action : {"warn", "stop"}
+        Only worded here (whether the caller stops).
+    """
+
+    def __init__(self, detector=None, action="warn"):
+        self.detector = detector
+        self.action = action
+        self.run = None
+        self.verdict = None
+        self._said: set[str] = set()
+
+    def start(self, total_steps) -> None:
+        """Begin a run of ``total_steps`` planned steps (None: unknown, only the divergence rule acts)."""
+        from .detector import FailureDetector, RunWatch
+
+        det = self.detector
+        if det is None:
+            det = FailureDetector.load_default()
+        elif not isinstance(det, FailureDetector):
+            det = FailureDetector.load(det)
+        self.detector = det
+        if total_steps is None or not total_steps > 0:
+            self.say_once("steps", "the failure detector needs the planned number of training steps (steps=...): "
+                                   "only the divergence rule (non-finite, loss > 50, gradient norm > 500) is checked")
+            self.run = RunWatch(None, None)
+        else:
+            self.run = det.watch(total_steps)
+        self.verdict = None
+
+    def say_once(self, key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            logger.warning("divergence-risk: %s", text)
+
+    def missing(self, keys, where: str) -> None:
+        """Say once that the inputs ``keys`` are missing from ``where``; nothing else happens."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        self.say_once("missing:" + ",".join(keys),
+                      f"the failure detector needs {' and '.join(repr(k) for k in keys)} in {where}; "
+                      f"without {'them' if len(keys) > 1 else 'it'} it does nothing")
+
+    def observe(self, step, loss, grad_norm):
+        """Read one step; returns the verdict (a ``detector.Verdict``), None before ``start``."""
+        if self.run is None:
+            return None
+        was = self.run.failing
+        v = self.run.update(step, loss, grad_norm)
+        if v is not None and v.failing and not was:
+            what = "stopping training" if self.action == "stop" else "training goes on (action='warn')"
+            logger.warning("divergence-risk: %s; %s", v.message(), what)
+        self.verdict = v
+        return v
+
+
 class DivergenceRiskError(RiskError):
     """Raised to stop training before its first optimizer step when P(divergence) ≥ the threshold.
 
@@ -141,6 +222,11 @@ class RiskMonitor:
         Per-example input shape for networks without an embedding.
     seed : int, default 0
         Seed of the probe inputs and the randomized DMD.
+    action : {"warn", "stop"}, default "warn"
+        What ``observe()`` does once the run is failing: "stop" raises ``RunFailingError`` (with
+        the reason), "warn" logs one line and training goes on.
+    detector : FailureDetector, str or Path, optional
+        The failure detector of ``observe()``; the shipped one when omitted.
 
     Attributes
     ----------
@@ -151,7 +237,9 @@ class RiskMonitor:
 
     def __init__(self, model, *, lr=None, optimizer="adamw", warmup=None, batch_size=None, steps=None,
                  grad_clip=None, weight_decay=None, threshold=0.5, every=50, n_samples=256, rank=32,
-                 predictor=None, blocks=None, input_shape=None, seed=0):
+                 predictor=None, blocks=None, input_shape=None, seed=0, action="warn", detector=None):
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         check_watch(threshold, every)
@@ -173,6 +261,9 @@ class RiskMonitor:
         self.blocks = blocks
         self.input_shape = input_shape
         self.seed = seed
+        self.action = action
+        self.detector = detector
+        self._failure = FailureWatch(detector, action)
         self.assumptions_: list[str] = []
         self._rows: list[dict] = []
         self._bundle = None
@@ -255,6 +346,35 @@ class RiskMonitor:
         return text + "".join(f"\n  {n}" for n in notes)
 
     # ------------------------------------------------------------------ during training
+    def observe(self, global_step: int, loss: float, grad_norm: float):
+        """Read one step's training loss and gradient norm (before clipping) into the failure
+        detector (``risk_model.detector``): is the run failing now, P(failed by the end), and why.
+        Cheap (scalars only): call it every step or every few steps; the steps need not be evenly spaced.
+
+        Needs ``steps`` (the planned steps) for P; without it only the divergence rule acts, and
+        the log says so once.
+
+        Returns
+        -------
+        risk_model.detector.Verdict: ``failing``, ``p_failed``, ``reason``, ``metrics()``
+
+        Raises
+        ------
+        RunFailingError : ``action="stop"`` and the run has just started failing (once)
+        """
+        if self._failure.run is None:
+            self._failure.start(self.steps)
+        was = self._failure.run.failing
+        v = self._failure.observe(global_step, loss, grad_norm)
+        if v.failing and not was and self.action == "stop":
+            raise RunFailingError(f"divergence-risk stopped training: {v.message()}", v)
+        return v
+
+    @property
+    def verdict(self):
+        """The failure detector's latest verdict (None before ``observe``)."""
+        return self._failure.verdict
+
     def step(self, global_step: int, lr: float | None = None) -> dict | None:
         """Profile cheaply and record a history row when ``global_step % every == 0``.
 

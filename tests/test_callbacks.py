@@ -243,3 +243,172 @@ def test_lightning_stop_raises_before_the_first_optimizer_step(tmp_path):
     assert len(trainer.optimizers[0].state) == 0
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert any("warmup not given" in a for a in cb.monitor.assumptions_)
+
+
+# ==================================================================== stopping a failing run
+FAIL_STEPS = 40
+BLOWUP_LR, GOOD_LR = 30.0, 3e-3
+
+
+class CountingData(torch.utils.data.Dataset):
+    """Learnable tokens: each sequence counts up from a random start (mod vocab)."""
+
+    def __init__(self, n=64, T=16, vocab=64):
+        g = torch.Generator().manual_seed(2)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        self.x = (start + torch.arange(T)) % vocab
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def hf_failure_trainer(tmp_path, lr, **kw):
+    kw = dict(dict(max_grad_norm=1.0, save_strategy="no", report_to="none"), **kw)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=FAIL_STEPS, learning_rate=lr, per_device_train_batch_size=8,
+        lr_scheduler_type="constant", logging_steps=1, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        **kw)
+    return transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=CountingData())
+
+
+def test_hf_stop_ends_a_failing_run_early_with_the_reason(tmp_path, caplog):
+    from risk_model.callbacks import RiskCallback
+    from risk_model.detector import REASON_CODES
+
+    trainer = hf_failure_trainer(tmp_path, BLOWUP_LR, save_strategy="steps", save_steps=2)
+    cb = RiskCallback(action="stop", spectral=False).attach(trainer)
+    with caplog.at_level(logging.WARNING, logger="risk_model"):
+        trainer.train()
+    stop = trainer.state.global_step
+    assert stop < FAIL_STEPS / 2  # stopped early
+    assert cb.verdict.failing and cb.verdict.step == stop
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("risk_model")]
+    assert len(said) == 1 and "stopping training" in said[0] and cb.verdict.reason in said[0]
+    rows = risk_rows(trainer.state.log_history, "risk/failing")
+    assert [h["risk/failing"] for h in rows] == [0.0] * (len(rows) - 1) + [1.0]
+    assert rows[-1]["step"] == stop and rows[-1]["risk/reason"] == REASON_CODES[cb.verdict.reason]
+    # the Trainer's own checkpoints, none after the stop
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert saved and max(saved) <= stop
+
+
+def test_hf_stop_lets_a_learning_run_train(tmp_path):
+    from risk_model.callbacks import RiskCallback
+
+    trainer = hf_failure_trainer(tmp_path, GOOD_LR)
+    cb = RiskCallback(action="stop", spectral=False).attach(trainer)
+    trainer.train()
+    assert trainer.state.global_step == FAIL_STEPS
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0]  # it learned
+    rows = risk_rows(trainer.state.log_history, "risk/p_failed")
+    assert len(rows) == FAIL_STEPS and not any(h["risk/failing"] for h in rows)
+    assert not cb.verdict.failing
+
+
+def test_hf_logs_without_grad_norm_are_named_once_and_nothing_else(tmp_path, caplog):
+    from risk_model.callbacks import RiskCallback
+
+    class QuietTrainer(transformers.Trainer):
+        """A Trainer whose training logs leave out the gradient norm."""
+
+        def log(self, logs, *args, **kwargs):
+            logs.pop("grad_norm", None)
+            super().log(logs, *args, **kwargs)
+
+    trainer = hf_failure_trainer(tmp_path, BLOWUP_LR)
+    trainer = QuietTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset)
+    cb = RiskCallback(action="stop", spectral=False).attach(trainer)
+    with caplog.at_level(logging.WARNING, logger="risk_model"):
+        trainer.train()
+    assert trainer.state.global_step == FAIL_STEPS  # nothing stopped
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("risk_model")]
+    assert len(said) == 1 and "'grad_norm'" in said[0]
+    assert not risk_rows(trainer.state.log_history, "risk/failing") and cb.verdict is None
+
+
+def test_stop_where_the_framework_cannot_stop_fails_at_attach():
+    L = pytest.importorskip("lightning")
+    from risk_model.callbacks import RiskCallback
+    from risk_model.errors import UsageError
+
+    with pytest.raises(UsageError, match="action='stop' needs a transformers.Trainer"):
+        RiskCallback(action="stop").attach(L.Trainer(accelerator="cpu", logger=False))
+
+
+@pytest.mark.slow
+def test_hf_failure_metrics_reach_an_mlflow_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from risk_model.callbacks import RiskCallback
+    from risk_model.detector import REASON_CODES
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "risk-failure-test")
+    trainer = hf_failure_trainer(tmp_path, BLOWUP_LR, report_to=["mlflow"])
+    cb = RiskCallback(action="stop", spectral=False).attach(trainer)
+    trainer.train()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("risk-failure-test").experiment_id])
+    failing = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "risk/failing"))
+    assert failing[-1] == (cb.verdict.step, 1.0) and all(v == 0.0 for _, v in failing[:-1])
+    (reason,) = [m for m in client.get_metric_history(run.info.run_id, "risk/reason") if m.step == cb.verdict.step]
+    assert reason.value == REASON_CODES[cb.verdict.reason]
+    assert len(client.get_metric_history(run.info.run_id, "risk/p_failed")) == len(failing)
+
+
+def lightning_counting_module(lr, clip_free=True):
+    L = pytest.importorskip("lightning")
+
+    class CountLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_gpt2()
+
+        def training_step(self, batch, batch_idx):
+            return self.net(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=lr)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(CountingData(), batch_size=8)
+
+    return L, CountLM()
+
+
+def lightning_failure_trainer(L, tmp_path, cb):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(max_steps=FAIL_STEPS, accelerator="cpu", devices=1, callbacks=[cb],
+                     logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False, gradient_clip_val=1.0,
+                     enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+
+
+@pytest.mark.parametrize("lr, stops", [(BLOWUP_LR, True), (GOOD_LR, False)])
+def test_lightning_stop_ends_only_a_failing_run(tmp_path, caplog, lr, stops):
+    import pandas as pd
+
+    from risk_model.callbacks import LightningRiskCallback
+
+    L, module = lightning_counting_module(lr)
+    cb = LightningRiskCallback(action="stop", spectral=False, detect_every=2)
+    trainer = lightning_failure_trainer(L, tmp_path, cb)
+    with caplog.at_level(logging.WARNING, logger="risk_model"):
+        trainer.fit(module)
+    logged = pd.read_csv(trainer.logger.log_dir + "/metrics.csv").dropna(subset=["risk/failing"])
+    assert logged["step"].tolist() == list(range(2, trainer.global_step + 1, 2))
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("risk_model")]
+    if stops:
+        assert trainer.global_step < FAIL_STEPS / 2 and cb.verdict.failing and cb.verdict.step == trainer.global_step
+        assert len(said) == 1 and "stopping training" in said[0] and cb.verdict.reason in said[0]
+        assert logged["risk/failing"].tolist()[-1] == 1.0
+    else:
+        assert trainer.global_step == FAIL_STEPS and not cb.verdict.failing and said == []
+        assert not logged["risk/failing"].any()
