@@ -82,7 +82,7 @@ def heldout_predictions(nets, runs, groups, *, split, targets="all", threshold=0
     n, nr = len(nets), len(runs)
     out = {k: np.full(nr, np.nan) for k in ("p_failed", "p_diverged")}
     out.update({k: np.full(n, np.nan) for k in ("max_safe_lr", "recommended_lr", "lr_best_pred", "mu_fail",
-                                                 "mu_diverge")})
+                                                 "mu_diverge", "scale_fail")})
     splits = list(split)
     for k, (name, tr) in enumerate(splits):
         te = ~tr
@@ -97,7 +97,7 @@ def heldout_predictions(nets, runs, groups, *, split, targets="all", threshold=0
         if targets == "fail":
             r = m.predict_log_lr(te_n)
             out["p_failed"][r_te] = _sig((lr - r["mu"][ri]) / r["scale"][ri])
-            out["mu_fail"][te] = r["mu"]
+            out["mu_fail"][te], out["scale_fail"][te] = r["mu"], r["scale"]
             out["max_safe_lr"][te] = np.exp(r["mu"] + r["scale"] * math.log(threshold / (1 - threshold)))
         else:
             p = m.predict(te_n, threshold=threshold)
@@ -105,7 +105,8 @@ def heldout_predictions(nets, runs, groups, *, split, targets="all", threshold=0
             d = _sig((lr - p["mu_diverge"][ri]) / p["scale_diverge"][ri])
             out["p_failed"][r_te], out["p_diverged"][r_te] = np.maximum(f, d), d
             for key, src in (("max_safe_lr", "max_safe_lr"), ("recommended_lr", "recommended_lr"),
-                             ("lr_best_pred", "lr_best"), ("mu_fail", "mu_fail"), ("mu_diverge", "mu_diverge")):
+                             ("lr_best_pred", "lr_best"), ("mu_fail", "mu_fail"), ("mu_diverge", "mu_diverge"),
+                             ("scale_fail", "scale_fail")):
                 out[key][te] = p[src]
         if progress:
             progress(k + 1, len(splits))
@@ -172,6 +173,27 @@ def metrics(nets, runs, pred, mask_nets=None, n_boot=1000, seed=0) -> dict:
     err = log10_errors(nets, pred, "diverge")[m_n]
     out["lr_diverge_median_abs_log10_err"] = float(np.nanmedian(np.abs(err))) if np.isfinite(err).any() else math.nan
     out["lr_diverge_mean_log10_err"] = float(np.nanmean(err)) if np.isfinite(err).any() else math.nan
+    return out
+
+
+def class_scale_factors(nets, runs, pred) -> dict[str, float]:
+    """Per held-out class, the factor c on the fail model's scale that maximises the likelihood of
+    the class's ``failed`` labels (c > 1: the class needed wider intervals than calibrated)."""
+    from scipy.optimize import minimize_scalar
+
+    pos = {m: i for i, m in enumerate(nets["model_id"])}
+    ri = runs["model_id"].map(pos).to_numpy(int)
+    z = (np.log(runs["lr"].to_numpy(float)) - pred["mu_fail"][ri]) / pred["scale_fail"][ri]
+    y = runs["failed"].to_numpy(float)
+    fam = nets["family"].to_numpy()[ri]
+    out = {}
+    for c in sorted(set(fam)):
+        m = fam == c
+
+        def nll(logc):
+            p = np.clip(_sig(z[m] / math.exp(logc)), 1e-9, 1 - 1e-9)
+            return -np.sum(y[m] * np.log(p) + (1 - y[m]) * np.log(1 - p))
+        out[c] = float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
     return out
 
 
@@ -282,7 +304,10 @@ def report_markdown(res: dict) -> str:
                  f"{_fmt(m['max_safe_unsafe'], '.2f')} | {_fmt(m['recommended_within_3x'], '.2f')} ({m['n_learn']}) | "
                  f"{_fmt(m['recommended_within_3x_interior'], '.2f')} ({m['n_interior']}) |")
     p = res["pooled"]
-    L += ["", f"Median |log10 error| of the held-out median lr_fail (networks bracketed on both sides): "
+    L += ["", "Scale factor each held-out class needed on the fail model's calibrated scale (maximum likelihood; "
+          "> 1: wider than calibrated): " + ", ".join(f"{c} {v:.2f}" for c, v in res["class_scale_factor"].items())
+          + f". A network outside every class seen gets its intervals widened by the largest, {res['novel_class_widen']:.2f}.",
+          "", f"Median |log10 error| of the held-out median lr_fail (networks bracketed on both sides): "
           f"{_fmt(p['lr_fail_median_abs_log10_err'], '.2f')}; of lr_diverge: {_fmt(p['lr_diverge_median_abs_log10_err'], '.2f')}.",
           "", "Targets (reported, not asserted): AUROC ≥ 0.95 per class, ECE ≤ 0.05, max_safe_lr right ≥ 80% and "
           "unsafe ≤ 5%, recommended within 3× ≥ 80%.", "",
@@ -329,7 +354,9 @@ def evaluate_v3(corpus_dir, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_es
     pooled = metrics(nets, runs, pred, None, n_boot, seed)
     say("leave-largest-out")
     largest = leave_largest_out(nets, runs, groups, n_boot=n_boot, seed=seed, threshold=threshold, **kw)
-    res = dict(n_networks=int(len(nets)), n_runs=int(len(runs)), failed_rate=float(runs["failed"].mean()),
+    factors = class_scale_factors(nets, runs, pred)
+    res = dict(class_scale_factor=factors, novel_class_widen=max(1.0, max(factors.values())),
+               n_networks=int(len(nets)), n_runs=int(len(runs)), failed_rate=float(runs["failed"].mean()),
                never_learns=int(nets["never_learns"].sum()), groups=list(groups), threshold=threshold,
                n_boot=n_boot, ece_bins=ECE_BINS, per_class=per_class, pooled=pooled, ablation=abl, largest=largest,
                protocol="leave-one-architecture-class-out; calibration folds hold out whole classes")
@@ -339,13 +366,13 @@ def evaluate_v3(corpus_dir, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_es
     with atomic_path(out_dir / "heldout_v3.md") as tmp:
         tmp.write_text(md)
     with atomic_path(out_dir / "heldout_v3.json") as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in res.items()}, indent=2, default=lambda o: o.tolist()
+        tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist()
                                   if hasattr(o, "tolist") else float(o) if isinstance(o, (np.floating,)) else str(o)))
     with atomic_path(out_dir / "heldout_v3_lr_fail.png") as tmp:
         plot_lr_fail(nets, pred, tmp)
     rel = dict(y=runs["failed"].to_numpy(int), oof={"P(failed), v3 held out by class": pred["p_failed"]})
     with atomic_path(out_dir / "heldout_v3_reliability.png") as tmp:
         plot_reliability(rel, tmp, names=list(rel["oof"]), title="P(failed), leave-one-class-out")
-    res.update(markdown=md, files=[out_dir / f for f in ("heldout_v3.md", "heldout_v3.json", "heldout_v3_lr_fail.png",
+    res.update(markdown=md, nets=nets, runs=runs, corpus=corpus, files=[out_dir / f for f in ("heldout_v3.md", "heldout_v3.json", "heldout_v3_lr_fail.png",
                                                           "heldout_v3_reliability.png")])
     return res
