@@ -731,7 +731,7 @@ def train_cmd(
                                               "(heldout_v3.md/.json/.png) here, e.g. reports.", show_default=False),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the CIs."),
     seed: int = typer.Option(0, "--seed", help="Seed of the trees and the bootstrap."),
-    rounds: int = typer.Option(300, "--rounds", help="Boosting rounds of each tree part."),
+    rounds: int = typer.Option(100, "--rounds", help="Boosting rounds of each tree part (depth 2, eta 0.05)."),
     promote: bool = typer.Option(False, "--promote", help="Move the alias champion to this version even if its held-out metrics are worse."),
     track: bool = typer.Option(True, "--track/--no-track", help="Log to MLflow and register the model."),
 ) -> None:

@@ -331,7 +331,7 @@ def report_markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def evaluate_v3(corpus_dir, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_estimators=300, groups=None,
+def evaluate_v3(corpus_dir, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_estimators=100, groups=None,
                 do_ablation=True, progress=None) -> dict:
     """Everything above on one ladder corpus; writes ``heldout_v3.md``, ``heldout_v3.json``,
     ``heldout_v3_lr_fail.png`` and ``heldout_v3_reliability.png`` into ``out_dir`` (atomically).

@@ -260,7 +260,7 @@ class LogLRModel:
     """
 
     def __init__(self, groups=("config", "forward", "gradient"), *, scale_part=True, slope_prior_sd=0.5,
-                 n_estimators=300, max_depth=3, learning_rate=0.05, min_child_weight=2.0, subsample=0.8,
+                 n_estimators=100, max_depth=2, learning_rate=0.05, min_child_weight=5.0, subsample=0.8,
                  aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
         self.groups = groups
         self.scale_part = scale_part

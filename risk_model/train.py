@@ -120,7 +120,7 @@ def _heldout_paper_score(nets, runs) -> dict:
     return {"auroc": auroc(y[ok], p[ok]), "ece": ece(y[ok], p[ok]), "protocol": "leave-one-architecture-class-out"}
 
 
-def train_lr_predictor(evaluation: dict, *, seed: int = 0, n_estimators: int = 300):
+def train_lr_predictor(evaluation: dict, *, seed: int = 0, n_estimators: int = 100):
     """Fit the shipped v3 predictor (``lrmodel.LRPredictor``) on every network of the corpus that
     ``heldout_v3.evaluate_v3`` evaluated, with the groups it chose; its held-out metrics go into
     the metadata. Returns ``(LRPredictor, IsotonicRiskModel)`` (the paper's score, for reference)."""
