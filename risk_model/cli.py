@@ -763,6 +763,7 @@ def train_cmd(
         if (out / "manifest.json").exists() and not replace:
             raise UsageError(f"{out} already holds a predictor: add --replace to replace it, or choose another --out")
     check_writable_dir(out.parent if out is not None else Path("models"), what="predictor")
+    _load_corpus_verbose(corpus)  # the schema check: a missing column is one line naming it
     if len(corpus) != 1 or not _is_ladder(corpus[0]):
         raise UsageError("risk train needs one ladder corpus (runs with model_id, a layers table and models.parquet, "
                          "like datasets/corpus-v2); the v1 predictors are evaluation baselines now (risk evaluate)")

@@ -127,7 +127,8 @@ def lr_scores(nets, pred) -> dict:
     best = nets["lr_best"].to_numpy(float)
     learns = ~nets["never_learns"].to_numpy(bool) & np.isfinite(best)
     rec = pred["recommended_lr"]
-    within = np.abs(np.log(rec / best)) <= math.log(WITHIN)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        within = np.abs(np.log(rec / best)) <= math.log(WITHIN)
     interior = learns & np.isfinite(nets["best_lo"].to_numpy(float)) & (nets["best_lo"].to_numpy(float) > 0) \
         & np.isfinite(nets["best_hi"].to_numpy(float))
     return dict(right=right & scored, unsafe=unsafe & scored, scored=scored, within=within & learns & np.isfinite(rec),
@@ -257,6 +258,11 @@ def plot_lr_fail(nets, pred, path, title="") -> None:
     mu = np.exp(pred["mu_fail"])
     ok = (lo > 0) & np.isfinite(hi)
     mid = np.sqrt(np.where(ok, lo * hi, np.nan))
+    if not ok.any():
+        fig = _figure(figsize=(4, 2))
+        fig.text(0.5, 0.5, "no network bracketed on both sides", ha="center")
+        fig.savefig(path, dpi=110)
+        return
     fig = _figure(figsize=(12, 3.8))
     a, b, c = fig.subplots(1, 3)
     w = nets["d_model"].to_numpy(float)
@@ -272,9 +278,13 @@ def plot_lr_fail(nets, pred, path, title="") -> None:
     b.axhline(0, color="k", lw=0.8)
     b.set_xscale("log", base=2), b.set_xlabel("width d_model"), b.set_ylabel("log10 predicted / measured")
     steps = nets["steps"].to_numpy(float)
-    c.scatter(steps[ok] * np.exp(np.random.default_rng(0).normal(0, 0.02, ok.sum())), err[ok], s=8, alpha=0.6)
+    one = len(np.unique(steps)) == 1
+    c.scatter(steps[ok] + (np.random.default_rng(0).normal(0, 0.02 * steps[0], ok.sum()) if one else 0), err[ok],
+              s=8, alpha=0.6)
     c.axhline(0, color="k", lw=0.8)
-    c.set_xscale("log"), c.set_xlabel("horizon (steps)" + (" — one value in this corpus" if len(np.unique(steps)) == 1 else ""))
+    if not one:
+        c.set_xscale("log")
+    c.set_xlabel("horizon (steps)" + (" — one value in this corpus" if len(np.unique(steps)) == 1 else ""))
     c.set_ylabel("log10 predicted / measured")
     fig.suptitle(title or "lr_fail held out by class (networks bracketed on both sides)", fontsize=9)
     fig.tight_layout()
@@ -290,7 +300,7 @@ def report_markdown(res: dict) -> str:
     L = ["## Predictor v3: leave-one-architecture-class-out on `failed` (corpus relabelled with labels.failed)", "",
          f"{res['n_networks']} networks (not dead at init), {res['n_runs']} runs; `failed` rate "
          f"{res['failed_rate']:.2f}, networks that never learn (labels.never_learns) {res['never_learns']}. "
-         f"Tree feature groups shipped: {', '.join(res['groups'])}. AUROC 95% CI: percentile bootstrap over networks, "
+         f"Tree feature groups shipped: {', '.join(res['groups']) or 'none (the linear part alone: optimizer, ln width, ln depth, ln steps, ln batch)'}. AUROC 95% CI: percentile bootstrap over networks, "
          f"{res['n_boot']} resamples; ECE {ECE_BINS} bins. `max_safe_lr` at P(failed) = {res['threshold']:g}: *right* "
          "in [last not-failed LR / 2, first failed LR), *unsafe* at or above the first failed LR; "
          f"`recommended_lr` right within {WITHIN:g}× of lr_best (networks that learn).", "",

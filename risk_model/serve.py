@@ -644,7 +644,8 @@ def assess_network(model, *, bundle: PredictorBundle, request: Request, probe_se
     else:
         res.probe_seeds = dict(seeds=seeds[:1], chosen=seeds[0])
     if problem and dead is None:
-        res.warnings.insert(0, f"outside every class seen: {problem}; the prediction is an extrapolation, its "
+        res.warnings.insert(0, f"outside the training domain (every class seen): {problem}; the prediction is an "
+                               f"extrapolation, its "
                                f"intervals widened {widen:.2g}× (the widest a held-out class needed)")
         res.outside_corpus["novel_class"] = problem
     if what_if:
