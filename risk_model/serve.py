@@ -630,7 +630,8 @@ def assess_network(model, *, bundle: PredictorBundle, request: Request, probe_se
                for p in profs] or [assess_critical(None, init, bundle=bundle, request=request, n_layers=len(mods),
                                                    width=width, widen=widen)]
     safes = [r.max_safe_lr or 0.0 for r in results]
-    k = int(np.argsort(safes, kind="stable")[len(safes) // 2])
+    med = sorted(safes)[len(safes) // 2]
+    k = safes.index(med)  # the first seed with the median max_safe_lr
     res = results[k]
     res.model = label
     if len(results) > 1:

@@ -226,7 +226,7 @@ def test_failed_plot_write_keeps_the_printed_results_and_leaves_no_file(tmp_path
     target = tmp_path / "eig.png"
     res = invoke("predict", "example", "--lr", "1e-3", "--probe-seeds", "1", "--plot", target)
     assert_one_line_error(res, str(target), "No space left")
-    assert "P(divergence)" in res.stdout and "largest safe learning rate" in res.stdout
+    assert "P(failed)" in res.stdout and "largest safe learning rate" in res.stdout
     assert list(tmp_path.iterdir()) == []  # no truncated plot, no temporary file
 
 
