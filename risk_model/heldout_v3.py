@@ -284,6 +284,8 @@ def plot_lr_fail(nets, pred, path, title="") -> None:
     c.axhline(0, color="k", lw=0.8)
     if not one:
         c.set_xscale("log")
+    else:
+        c.set_xticks([steps[0]], [f"{steps[0]:g}"])
     c.set_xlabel("horizon (steps)" + (" — one value in this corpus" if len(np.unique(steps)) == 1 else ""))
     c.set_ylabel("log10 predicted / measured")
     fig.suptitle(title or "lr_fail held out by class (networks bracketed on both sides)", fontsize=9)
