@@ -161,3 +161,17 @@ def test_tree_groups_are_dimensionless():
     """No width, depth, steps, batch or parameter count among the tree features."""
     names = {c for g in FEATURE_GROUPS.values() for c in g}
     assert not names & {"log2_d_model", "n_layers", "steps", "log2_batch_size", "log10_n_params", "d_model"}
+
+
+def test_fit_does_not_depend_on_the_thread_count():
+    from threadpoolctl import threadpool_limits
+
+    X, _ = _synthetic(n=120, seed=3)
+    preds = []
+    for n in (1, 2):
+        with threadpool_limits(limits=n):
+            m = LogLRModel(groups=("config",), n_estimators=20, n_splits=3).fit(X, X["fail_lo"], X["fail_hi"],
+                                                                              groups=np.arange(len(X)) % 3)
+        preds.append(m.predict_log_lr(X))
+    np.testing.assert_array_equal(preds[0]["mu"], preds[1]["mu"])
+    np.testing.assert_array_equal(preds[0]["scale"], preds[1]["scale"])
