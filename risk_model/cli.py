@@ -34,7 +34,7 @@ _flags_without_type(typer.core.TyperOption)
 
 app = typer.Typer(
     name="risk",
-    help="Probability that a transformer training run diverges, from one forward pass at init.",
+    help="Which learning rate to train a transformer at, and where its training fails, from the network at init.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -60,7 +60,7 @@ def _main(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
                                  callback=_print_version),
 ) -> None:
-    """Probability that a transformer training run diverges, from one forward pass at init."""
+    """Which learning rate to train a transformer at, and where its training fails, from the network at init."""
 
 
 def fail(msg: str) -> None:
@@ -247,9 +247,8 @@ SamplesOpt = typer.Option(None, "--n-samples", help="Token states per layer (N);
 SeedOpt = typer.Option(0, "--seed", help="Seed of the probe inputs and the randomized DMD (the first of --probe-seeds).")
 RankOpt = typer.Option(None, "--rank", help="Rank of the randomized DMD, 0 for full DMD; default: the predictor's "
                        "setting (32).", show_default=False)
-ProbeSeedsOpt = typer.Option(3, "--probe-seeds", help="Profile with this many probe seeds and show how much the "
-                             "numbers move between them; `risk predict`: P(divergence) is their mean, shown with its "
-                             "min–max, and the largest safe LR is the smallest over the seeds.")
+ProbeSeedsOpt = typer.Option(3, "--probe-seeds", help="Profile with this many probe seeds (--seed, --seed + 1, …) "
+                             "and show the range of the aggregates over them.")
 InputsOpt = typer.Option(None, "--inputs", help="Tensor file (torch.save) of probe inputs.")
 ShapeOpt = typer.Option(None, "--input-shape", help="Per-example input shape for models without an embedding, e.g. 64,128.")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file).")
@@ -277,7 +276,10 @@ def profile_cmd(
 ) -> None:
     """Per-layer Koopman spectral profile of MODEL at its current weights (one forward pass per probe seed).
 
-    The table is that of --seed; the aggregates line shows their range over the probe seeds."""
+    The table is that of --seed; the aggregates line shows their range over the probe seeds.
+
+    Example: risk profile example --json
+    """
     _check_output_path(plot, ".png")
     profs = load_and_profile(model, trust_pickle=trust_pickle, blocks=blocks, n_samples=n_samples, seed=seed,
                              rank=rank, inputs=inputs, input_shape=input_shape, probe_seeds=probe_seeds,
@@ -311,19 +313,25 @@ def profile_cmd(
 
 
 # ==================================================================== predict / score
-LrOpt = typer.Option(None, "--lr", help="Training learning rate; repeat for several. Without it: the paper's config-free estimate.")
-OptimizerOpt = typer.Option("adamw", "--optimizer", help="Training optimizer (one the predictor was trained on).")
+LrOpt = typer.Option(None, "--lr", help="A learning rate to get P(failed) and P(diverged) at; repeat for several. "
+                     "Without it: the recommended and the largest safe learning rate only.")
+OptimizerOpt = typer.Option("adamw", "--optimizer", help="Training optimizer: adamw, lion or sgd.")
 WarmupOpt = typer.Option(None, "--warmup", help="Warmup steps (default: the training corpus's median).")
 BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default: the training corpus's median).")
 StepsOpt = typer.Option(None, "--steps", help="Training steps (default: the training corpus's median).")
 PredictorOpt = typer.Option(None, "--predictor", help="Predictor directory or registered MLflow model URI (models:/NAME@ALIAS); default: the shipped one in models/.")
-ThresholdOpt = typer.Option(0.2, "--threshold", help="P(divergence) under which a learning rate counts as safe.")
+ThresholdOpt = typer.Option(0.2, "--threshold", help="P(failed) under which a learning rate counts as safe (max_safe_lr).")
+ProbeSeedsPredictOpt = typer.Option(3, "--probe-seeds", help="Profile with this many probe seeds; the answer shown is "
+                                    "the seed whose max_safe_lr is the median over them, with every seed's value beside it.")
+ScheduleOpt = typer.Option("constant", "--schedule", help="LR schedule after the warmup: constant, cosine or linear "
+                           "(corpus-v2 holds constant only: the predictor reads it but cannot tell its effect).")
+Beta2Opt = typer.Option(None, "--beta2", help="Optimizer β2 (default: the corpus trainer's, AdamW 0.95, Lion 0.99; "
+                        "constant in corpus-v2).")
+EpsOpt = typer.Option(None, "--eps", help="Optimizer eps (default: the corpus trainer's, AdamW 1e-8; constant in corpus-v2).")
 
 
 def _check_at_least(minimum: float, **options) -> None:
     """Each ``--option-name=value`` given (not None) must be a finite number ≥ ``minimum``."""
-    import math
-
     for name, v in options.items():
         if v is not None and not (math.isfinite(v) and v >= minimum):
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {v:g}")
@@ -335,13 +343,34 @@ def _check_run_config(warmup, batch_size, steps) -> None:
 
 
 def _check_lrs(lrs: Optional[list[float]]) -> list[float]:
-    import math
-
     lrs = list(lrs or [])
     for v in lrs:
         if not (math.isfinite(v) and v > 0):
             raise UsageError(f"--lr must be a positive number, got {v:g}")
     return lrs
+
+
+def _request(*, lr, optimizer, warmup, batch_size, steps, threshold, clip=None, weight_decay=None,
+             schedule="constant", beta2=None, eps=None):
+    """The parsed options as a ``serve.Request``, every value checked at the boundary."""
+    from risk_model.serve import SCHEDULES, Request
+
+    lrs = _check_lrs(lr)
+    _check_run_config(warmup, batch_size, steps)
+    if not 0 < threshold < 1:
+        raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
+    for name, v in (("--clip", clip), ("--weight-decay", weight_decay)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise UsageError(f"{name} must be a number >= 0, got {v}")
+    if schedule not in SCHEDULES:
+        raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if beta2 is not None and not (0 <= beta2 < 1):
+        raise UsageError(f"--beta2 must be in [0, 1), got {beta2}")
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
+        raise UsageError(f"--eps must be a positive number, got {eps}")
+    return Request(lrs=lrs, optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
+                   threshold=threshold, grad_clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2,
+                   eps=eps)
 
 
 def _load_predictor(predictor: Optional[str]):
@@ -359,56 +388,10 @@ def _load_predictor(predictor: Optional[str]):
     return load_bundle(Path(predictor) if predictor else None)
 
 
-def _profile_for(model_obj, bundle, *, blocks, inputs, input_shape, seeds):
-    """Profiles for the probe ``seeds``, with the settings the predictor's training corpus was
-    profiled with, from one forward pass; the per-layer spectra share the machine's cores. Call it
-    inside ``_single_threaded()``."""
-    from featurize import profile_seeds
-    from risk_model.serve import profile_settings
-
-    settings = profile_settings(bundle)
-    shape = _parse_shape(input_shape)
-    bar = LazyProgress()
-    try:
-        return profile_seeds(model_obj, inputs, seeds=list(seeds), blocks=blocks,
-                             n_samples=int(settings.get("n_samples", 2048)), rank=settings.get("rank", 32) or None,
-                             input_shape=shape, kreiss_grid=settings.get("kreiss_grid") or None, progress=bar,
-                             workers=_cores())
-    finally:
-        bar.close()
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _single_threaded():
-    """torch and BLAS on one thread each for the duration, as they were after. The per-layer
-    matrices are small (d × N): one thread per computation is faster than several, and far faster
-    on a shared machine (measured: 7 s vs 20 s for d=256, L=6 on 2 busy cores); the layers are
-    shared among the cores instead (``profile_seeds(workers=...)``)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with _one_blas_thread():
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _one_blas_thread():
-    from threadpoolctl import threadpool_limits
+    from risk_model.serve import one_blas_thread
 
-    return threadpool_limits(limits=1, user_api="blas")
+    return one_blas_thread()
 
 
 def kss_sentence() -> str:
@@ -430,210 +413,102 @@ def kss_sentence() -> str:
             "lower the learning rate instead")
 
 
-def recommendations(res) -> list[str]:
-    """What to do, worded from an ``Assessment``."""
-    safe, threshold = res.max_safe_lr, res.threshold
-    if res.worst < threshold:
-        return ["risk is low at the given setting" + (f"; learning rates up to {safe:.2g} stay below "
-                                                      f"P(divergence) {threshold:g}" if safe else "")]
-    if safe is not None:
-        first = f"lower the learning rate to at most {safe:.2g} (largest rate with P(divergence) < {threshold:g})"
-    elif res.method == "xgboost":
-        first = (f"no learning rate in 1e-5…1 is below P(divergence) {threshold:g} for this model: change the "
-                 "architecture (normalisation, init scale)")
-    else:
-        first = "give --lr to find the largest safe learning rate"
-    return [first, kss_sentence()]
+def _assess(model_obj, label: str, bundle, request, *, blocks=None, inputs=None, input_shape=None, probe_seeds=3,
+            what_if=False):
+    """``serve.assess_network`` with a progress bar; the result."""
+    from risk_model.serve import assess_network
 
-
-def _print_assessment(out: dict, prof, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
-    if out["predictor"].get("method") == "critical_lr":
-        return _print_assessment_v2(out, prof, console)
-    console.print(f"[bold]{out['model']}[/]")
-    probe = out.get("probe_seeds") or {}
-    n_seeds = len(probe.get("seeds", [])) or 1
-    t = Table(title="P(divergence)" + (f", mean over {n_seeds} probe seeds" if n_seeds > 1 else ""))
-    cols = ("learning rate", "P(divergence)") + (("min–max over seeds",) if n_seeds > 1 else ()) + ("risk",)
-    for c in cols:
-        t.add_column(c, justify="right")
-    colour = {"low": "green", "medium": "yellow", "high": "red"}
-    for p in out["predictions"]:
-        spread = (f"{p['p_low']:.3f}–{p['p_high']:.3f}",) if n_seeds > 1 else ()
-        t.add_row("—" if p["lr"] is None else f"{p['lr']:.3g}", f"{p['p_divergence']:.3f}", *spread,
-                  f"[{colour[p['risk']]}]{p['risk']}[/]")
-    console.print(t)
-    if out["max_safe_lr"] is not None:
-        per_seed = [v for v in probe.get("max_safe_lr", []) if v is not None]
-        spread = (f" (smallest over {n_seeds} probe seeds; they give {min(per_seed):.3g}–{max(per_seed):.3g})"
-                  if n_seeds > 1 and per_seed and min(per_seed) != max(per_seed) else "")
-        console.print(f"largest safe learning rate (P < threshold): {out['max_safe_lr']:.3g}{spread}")
-    console.print(profile_table(prof))
-    a = prof.aggregates
-    m = [v for v in probe.get("m_near_mean", []) if v is not None]
-    m_spread = f" (probe seeds: {min(m):.3f}–{max(m):.3f})" if len(m) > 1 else ""
-    console.print(f"profile of probe seed {prof.meta.get('seed')}: M≈1 mean {a['m_near_mean']:.3f}{m_spread}   "
-                  f"ρ max {a['rho_max']:.3f}   κ(V) max {a['kappa_v_max']:.3g}   "
-                  f"Kreiss max {a['kreiss_max']:.3g}   layers {a['n_layers']}")
-    pr = out["predictor"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    console.print(f"predictor {pr['name']} {pr['version']} ({pr['method']}): held-out AUROC {fmt(pr['auroc'])}, "
-                  f"ECE {fmt(pr['ece'])}")
-    for w in out["warnings"]:
-        console.print(f"[yellow]warning: {w}[/]")
-    for r in out["recommendation"]:
-        console.print(f"recommendation: {r}")
+    bar = LazyProgress()
+    try:
+        return assess_network(model_obj, bundle=bundle, request=request, probe_seeds=probe_seeds, blocks=blocks,
+                              inputs=inputs, input_shape=_parse_shape(input_shape), label=label, what_if=what_if,
+                              progress=bar)
+    finally:
+        bar.close()
 
 
 def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batch_size, steps, threshold,
                   blocks, inputs, input_shape, probe_seeds: int = 3, grad_clip=None, weight_decay=None):
-    """Profile + assess one model; the JSON-ready result (with its wording) and the profile."""
-    if getattr(bundle, "critical_lr", None) is not None:
-        return _assess_model_v2(model_obj, label, bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
-                                batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
-                                inputs=inputs, input_shape=input_shape, probe_seeds=probe_seeds,
-                                grad_clip=grad_clip, weight_decay=weight_decay)
-    from risk_model.features import infer_width
-    from risk_model.serve import Request, assess
+    """``(result as JSON dict, profile)`` of ``serve.assess_network``: kept for ``RiskMonitor.check``."""
+    from risk_model.serve import Request
 
-    from risk_model.serve import combine_probe_seeds, profile_settings
-
-    seed0 = int(profile_settings(bundle)["seed"])
-    seeds = [seed0 + i for i in range(probe_seeds)]
-    with _single_threaded():
-        profs = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape, seeds=seeds)
-    prof = profs[0]
-    width = infer_width(model_obj) or prof.meta.get("width")  # the residual stream's width as profiled
-    req = Request(lrs=list(lrs), width=width, optimizer=optimizer, warmup=warmup,
-                  batch_size=batch_size, steps=steps, threshold=threshold)
-    res = combine_probe_seeds([assess(p, bundle=bundle, request=req) for p in profs], seeds)
-    out = {"model": label, **res.to_dict(), "recommendation": recommendations(res)}
-    _flag_outside_domain(out, model_obj, bundle)
-    return out, prof
+    req = Request(lrs=list(lrs), optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
+                  threshold=threshold, grad_clip=grad_clip, weight_decay=weight_decay)
+    res = _assess(model_obj, label, bundle, req, blocks=blocks, inputs=inputs, input_shape=input_shape,
+                  probe_seeds=probe_seeds)
+    return res.to_dict(), res.prof
 
 
-def _flag_outside_domain(out: dict, model_obj, bundle) -> None:
-    """No confident advice for a network unlike anything in the training corpus: a warning first,
-    and the recommendation replaced."""
-    from risk_model.features import training_domain_problem
-
-    problem = training_domain_problem(model_obj, bundle.metadata.get("families"))
-    if problem:
-        out["warnings"].insert(0, f"outside the training domain: {problem}; P(divergence) and max_safe_lr are "
-                                  "extrapolations, not measurements")
-        out["recommendation"] = ["no advice: the network is outside the predictor's training domain; measure "
-                                 "its stability directly (a short run at each candidate learning rate)"]
+def _fmt_lr(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
 
 
-def _print_assessment_v2(out: dict, prof, console) -> None:
-    """Words a critical-LR result: the verdict first, then the curve, the profile and the caveats."""
+def _print_result(out: dict, prof, console=None) -> None:
+    """Words a result: the recommendation first, then the curve, what-if, the profile and the caveats."""
+    from rich.console import Console
     from rich.table import Table
 
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
     console.print(f"[bold]{out['model']}[/]")
     dead = out.get("dead_at_init")
     if dead is not None:
-        console.print(f"[red]dead at init[/]: {dead['reason']}; P(divergence) = 1 at every learning rate")
+        console.print(f"[red]dead at init[/]: {dead['reason']}; P(failed) = P(diverged) = 1 at every learning rate")
     else:
+        rlo, rhi = out["recommended_lr_interval"]
         lo, hi = out["max_safe_lr_interval"]
-        console.print(f"largest safe learning rate (P < {out['threshold']:g}): "
-                      f"[bold]{out['max_safe_lr']:.3g}[/]   80% interval of the critical learning rate: "
-                      f"{lo:.3g} – {hi:.3g}")
+        console.print(f"recommended learning rate: [bold]{out['recommended_lr']:.3g}[/]   (80% interval {rlo:.3g} – {rhi:.3g})")
+        console.print(f"largest safe learning rate (P(failed) < {out['threshold']:g}): [bold]{out['max_safe_lr']:.3g}[/]   "
+                      f"(80% interval of the first failing learning rate {lo:.3g} – {hi:.3g})")
+    for r in out["recommendation"]:
+        console.print(f"recommendation: {r}")
     colour = {"low": "green", "medium": "yellow", "high": "red"}
     if out["predictions"]:
-        t = Table(title="P(divergence)")
-        for c in ("learning rate", "P(divergence)", "risk"):
+        seeds = len((out.get("probe_seeds") or {}).get("seeds", [])) > 1
+        t = Table(title="At the learning rates asked")
+        cols = ["learning rate", "P(failed)"] + (["min–max over seeds"] if seeds else []) + ["P(diverged)", "risk"]
+        for c in cols:
             t.add_column(c, justify="right")
         for p in out["predictions"]:
-            t.add_row(f"{p['lr']:.3g}", f"{p['p_divergence']:.3f}", f"[{colour[p['risk']]}]{p['risk']}[/]")
+            spread = [f"{p['p_low']:.3f}–{p['p_high']:.3f}"] if seeds and p.get("p_low") is not None else ([""] if seeds else [])
+            t.add_row(f"{p['lr']:.3g}", f"{p['p_failed']:.3f}", *spread, f"{p['p_divergence']:.3f}",
+                      f"[{colour[p['risk']]}]{p['risk']}[/]")
         console.print(t)
     decades = [c for c in out.get("p_curve", []) if abs(math.log10(c["lr"]) - round(math.log10(c["lr"]))) < 1e-6]
     if decades and dead is None:
-        console.print("P(divergence) by learning rate: " + "  ".join(f"{c['lr']:.0e} {c['p']:.2f}" for c in decades))
+        console.print("P(failed)   by learning rate: " + "  ".join(f"{c['lr']:.0e} {c['p_failed']:.2f}" for c in decades))
+        console.print("P(diverged) by learning rate: " + "  ".join(f"{c['lr']:.0e} {c['p']:.2f}" for c in decades))
+    wi = out.get("what_if")
+    if wi is not None:
+        if dead is not None:
+            console.print("what-if: no change of the recipe helps a network that is dead at init")
+        else:
+            t = Table(title="What if (the stated recipe and its neighbours)")
+            for c in ("recipe", "recommended lr", "max_safe_lr", "note"):
+                t.add_column(c, justify="left" if c in ("recipe", "note") else "right")
+            for r in wi:
+                t.add_row(r["change"], _fmt_lr(r["recommended_lr"]), _fmt_lr(r["max_safe_lr"]), r.get("note") or "")
+            console.print(t)
     seeds = (out.get("probe_seeds") or {}).get("max_safe_lr") or []
     if len([v for v in seeds if v]) > 1:
         console.print(f"max_safe_lr over {len(seeds)} probe seeds: " + ", ".join(f"{v:.3g}" for v in seeds if v)
-                      + " (the median is shown)")
+                      + " (the median seed is shown)")
     if prof is not None:
         console.print(profile_table(prof))
     paper = out.get("paper_score")
     if paper:
         auroc = paper.get("heldout_auroc")
-        console.print(f"paper's config-free score (layer-mean M≈1 {paper['m_near_mean']:.3f} → P {paper['p_divergence']:.2f}): "
-                      f"held-out AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}"
-                      + ("" if paper.get("beats_chance") else " — no better than chance here, shown for reference only"))
+        console.print(f"paper's config-free score (layer-mean M≈1 {paper['m_near_mean']:.3f} → P(diverged) "
+                      f"{paper['p_divergence']:.2f}): held-out AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}"
+                      + ("" if paper.get("beats_chance") else " — no better than chance, shown for reference only"))
     pr = out["predictor"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    console.print(f"predictor {pr['name']} {pr['version']} (critical learning rate): leave-one-architecture-out "
-                  f"AUROC {fmt(pr['auroc'])}, ECE {fmt(pr['ece'])}, max_safe_lr right for {fmt(pr.get('max_safe_lr_right'))} "
-                  "of held-out networks")
+    console.print(f"predictor {pr['name']} {pr['version']} (v3, label `failed`): leave-one-architecture-out AUROC "
+                  f"{fmt(pr['auroc'])}, ECE {fmt(pr['ece'])}; max_safe_lr right for {fmt(pr.get('max_safe_lr_right'))}, "
+                  f"unsafe for {fmt(pr.get('max_safe_lr_unsafe'))} of held-out networks")
     for w in out["warnings"]:
         console.print(f"[yellow]warning: {w}[/]")
-    for r in out["recommendation"]:
-        console.print(f"recommendation: {r}")
-
-
-def recommendations_v2(res) -> list[str]:
-    """What to do, worded from a critical-LR ``Assessment``."""
-    if res.dead_at_init is not None:
-        return [f"no learning rate helps: {res.dead_at_init['reason']}. Lower the init scale (embeddings, "
-                "output projections) or add normalisation, then check again"]
-    safe, (lo, hi) = res.max_safe_lr, res.max_safe_lr_interval
-    span = f"(80% interval of the critical learning rate: {lo:.2g}–{hi:.2g})"
-    if not res.predictions:
-        return [f"train at a learning rate of at most {safe:.2g}, where P(divergence) < {res.threshold:g} {span}"]
-    if res.worst < res.threshold:
-        return [f"risk is low at the given setting; learning rates up to {safe:.2g} stay below P(divergence) "
-                f"{res.threshold:g} {span}"]
-    return [f"lower the learning rate to at most {safe:.2g} (P(divergence) < {res.threshold:g}) {span}"]
-
-
-def _assess_model_v2(model_obj, label, bundle, *, lrs, optimizer, warmup, batch_size, steps, threshold, blocks,
-                     inputs, input_shape, probe_seeds: int = 3, grad_clip=None, weight_decay=None):
-    """Predictor v2: one forward + backward pass for the init-time scale features, the spectral
-    profile per probe seed, the critical-LR model; the result with the median max_safe_lr over seeds."""
-    import numpy as np
-
-    from featurize import CaptureError
-    from featurize.capture import discover_blocks, load_probe
-    from risk_model.features import infer_width
-    from risk_model.init_features import init_features
-    from risk_model.serve import Request, assess_critical, dead_at_init, profile_settings
-
-    seed0 = int(profile_settings(bundle)["seed"])
-    seeds = [seed0 + i for i in range(probe_seeds)]
-    profs = []
-    with _single_threaded():
-        _, mods = discover_blocks(model_obj, blocks, inputs=load_probe(inputs) if inputs is not None else None,
-                                  input_shape=_parse_shape(input_shape), seed=seed0)  # the blocks the profile finds
-        init = init_features(model_obj, blocks=mods)
-        if dead_at_init(init) is None:
-            profs = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape,
-                                 seeds=seeds)
-        else:  # dead: one profile for the record if the activations allow it
-            try:
-                profs = _profile_for(model_obj, bundle, blocks=blocks, inputs=inputs, input_shape=input_shape,
-                                     seeds=[seed0])
-            except CaptureError:
-                profs = []
-    width = infer_width(model_obj) or (profs[0].meta.get("width") if profs else None)
-    req = Request(lrs=list(lrs), width=width, optimizer=optimizer, warmup=warmup, batch_size=batch_size,
-                  steps=steps, threshold=threshold, grad_clip=grad_clip, weight_decay=weight_decay)
-    results = [assess_critical(p, init, bundle=bundle, request=req, n_layers=len(mods), width=width)
-               for p in profs] or [assess_critical(None, init, bundle=bundle, request=req, n_layers=len(mods),
-                                                   width=width)]
-    safes = [r.max_safe_lr or 0.0 for r in results]
-    k = int(np.argsort(safes)[len(safes) // 2])
-    res = results[k]
-    if len(results) > 1:
-        res.probe_seeds = dict(seeds=seeds, max_safe_lr=[r.max_safe_lr for r in results],
-                               p_divergence=[[p.p_divergence for p in r.predictions] for r in results])
-    out = {"model": label, **res.to_dict(), "recommendation": recommendations_v2(res)}
-    if res.dead_at_init is None:  # dead at init is measured, not extrapolated
-        _flag_outside_domain(out, model_obj, bundle)
-    return out, (profs[k] if profs else None)
+    for n in out.get("notes", []):
+        console.print(f"note: {n}")
 
 
 @app.command("predict")
@@ -645,44 +520,52 @@ def predict_cmd(
     warmup: Optional[int] = WarmupOpt,
     batch_size: Optional[int] = BatchOpt,
     steps: Optional[int] = StepsOpt,
+    clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clipping of the run (0: none; default none)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay of the run (default 0)."),
+    schedule: str = ScheduleOpt,
+    beta2: Optional[float] = Beta2Opt,
+    eps: Optional[float] = EpsOpt,
+    what_if: bool = typer.Option(False, "--what-if", help="Also answer for the recipe's neighbours: warmup ×4 and ÷4, "
+                                 "clipping on/off, cosine/constant, β2 0.95/0.999, AdamW/Lion."),
     predictor: Optional[str] = PredictorOpt,
     threshold: float = ThresholdOpt,
     blocks: Optional[str] = BlocksOpt,
     inputs: Optional[Path] = InputsOpt,
     input_shape: Optional[str] = ShapeOpt,
     trust_pickle: bool = TrustOpt,
-    probe_seeds: int = ProbeSeedsOpt,
-    clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clipping of the run (0: none; default none)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay of the run (default 0)."),
+    probe_seeds: int = ProbeSeedsPredictOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each layer's eigenvalues (and, with the "
-                                        "critical-LR predictor, PATH-risk.png: P(divergence) by learning rate)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each layer's eigenvalues and "
+                                        "PATH-risk.png: P(failed) and P(diverged) by learning rate."),
 ) -> None:
-    """P(divergence) of training MODEL at each --lr, the largest safe LR, and the profile behind it."""
-    from risk_model.loading import load_model
+    """Recommended learning rate, largest safe learning rate and P(failed) per LR for training MODEL with the stated recipe.
 
-    lrs = _check_lrs(lr)
-    _check_run_config(warmup, batch_size, steps)
+    From the network at init (one forward and one backward pass, and a spectral profile): the
+    predicted best learning rate with an 80% interval, the largest learning rate with P(failed)
+    below --threshold with its interval, P(failed) (and the paper's P(diverged)) at each --lr, and
+    how far outside the training corpus the network lies.
+
+    Example: risk predict example --lr 1e-3 --warmup 30 --what-if
+    """
+    from risk_model.loading import load_model
+    from risk_model.serve import single_threaded
+
+    request = _request(lr=lr, optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
+                       threshold=threshold, clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2, eps=eps)
     _check_at_least(1, probe_seeds=probe_seeds)
     _check_output_path(plot, ".png")
-    if not 0 < threshold < 1:
-        raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
     bundle = _load_predictor(predictor)
-    with _single_threaded():  # copying the weights in: a second torch thread only waits on a busy machine
+    with single_threaded():  # copying the weights in: a second torch thread only waits on a busy machine
         model_obj = load_model(model, trust_pickle=trust_pickle)
-    for name, v in (("--clip", clip), ("--weight-decay", weight_decay)):
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            raise UsageError(f"{name} must be a number >= 0, got {v}")
-    out, prof = _assess_model(model_obj, str(model), bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
-                              batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
-                              inputs=inputs, input_shape=input_shape, probe_seeds=probe_seeds,
-                              grad_clip=clip, weight_decay=weight_decay)
+    res = _assess(model_obj, str(model), bundle, request, blocks=blocks, inputs=inputs, input_shape=input_shape,
+                  probe_seeds=probe_seeds, what_if=what_if)
+    out = res.to_dict()
     if as_json:
         typer.echo(json.dumps(out, indent=2))
     else:
-        _print_assessment(out, prof)
-    if prof is not None:
-        _write_plot(prof, plot, f"{model.name}: DMD eigenvalues per layer", say=not as_json)
+        _print_result(out, res.prof)
+    if res.prof is not None:
+        _write_plot(res.prof, plot, f"{model.name}: DMD eigenvalues per layer", say=not as_json)
     if plot is not None and out.get("p_curve"):
         from risk_model.outputs import atomic_path
         from risk_model.serve import plot_curve
@@ -690,7 +573,7 @@ def predict_cmd(
         curve_path = plot.with_name(plot.stem + "-risk.png")
         try:
             with atomic_path(curve_path) as tmp:
-                plot_curve(out, tmp, title=f"{model.name}: P(divergence) by learning rate")
+                plot_curve(out, tmp, title=f"{model.name}: P(failed) by learning rate")
         except OSError as e:
             fail(f"{curve_path}: plot not written ({e.strerror or e.__class__.__name__}); the results above are complete")
         if not as_json:
@@ -707,25 +590,30 @@ def score_cmd(
     warmup: Optional[int] = WarmupOpt,
     batch_size: Optional[int] = BatchOpt,
     steps: Optional[int] = StepsOpt,
+    clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clipping of the run (0: none; default none)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay of the run (default 0)."),
+    schedule: str = ScheduleOpt,
+    beta2: Optional[float] = Beta2Opt,
+    eps: Optional[float] = EpsOpt,
     predictor: Optional[str] = PredictorOpt,
     threshold: float = ThresholdOpt,
     blocks: Optional[str] = BlocksOpt,
     input_shape: Optional[str] = ShapeOpt,
-    probe_seeds: int = ProbeSeedsOpt,
+    probe_seeds: int = ProbeSeedsPredictOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Profile registered MLflow PyTorch model(s), predict, and tag each model version with the result.
+    """Assess registered MLflow PyTorch model(s) as `risk predict` does and tag each model version with the result.
 
-    Tags: divergence_risk.p, divergence_risk.risk, divergence_risk.predictor_version (the p at the
-    first --lr, or the config-free estimate).
+    Tags: divergence_risk.recommended_lr, divergence_risk.max_safe_lr, divergence_risk.predictor_version,
+    and with --lr divergence_risk.lr, divergence_risk.p (P(failed) at the first --lr) and divergence_risk.risk.
+
+    Example: risk score models:/my-net/3 --lr 1e-3
     """
     from risk_model import tracking
 
-    lrs = _check_lrs(lr)
-    _check_run_config(warmup, batch_size, steps)
+    request = _request(lr=lr, optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
+                       threshold=threshold, clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2, eps=eps)
     _check_at_least(1, probe_seeds=probe_seeds)
-    if not 0 < threshold < 1:
-        raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
     if (model_uri is None) == (all_versions is None):
         raise UsageError("give exactly one of MODEL_URI or --all NAME")
     tracking.connect(must_exist=True)
@@ -736,23 +624,23 @@ def score_cmd(
     results = []
     for u in uris:  # everything is computed before any tag is written
         model_obj, mv = tracking.load_pytorch_model(u)
-        out, prof = _assess_model(model_obj, u, bundle, lrs=lrs, optimizer=optimizer, warmup=warmup,
-                                  batch_size=batch_size, steps=steps, threshold=threshold, blocks=blocks,
-                                  inputs=None, input_shape=input_shape, probe_seeds=probe_seeds)
-        results.append((mv, out, prof))
+        res = _assess(model_obj, u, bundle, request, blocks=blocks, input_shape=input_shape, probe_seeds=probe_seeds)
+        results.append((mv, res.to_dict(), res.prof))
     for mv, out, _ in results:
-        first = out["predictions"][0]
-        tags = {tracking.TAG_P: f"{first['p_divergence']:.6f}", tracking.TAG_RISK: first["risk"],
-                tracking.TAG_VERSION: f"{out['predictor']['name']}/{out['predictor']['version']}"}
-        if first["lr"] is not None:
-            tags["divergence_risk.lr"] = f"{first['lr']:g}"
+        tags = {tracking.TAG_VERSION: f"{out['predictor']['name']}/{out['predictor']['version']}",
+                "divergence_risk.max_safe_lr": _fmt_lr(out["max_safe_lr"]),
+                "divergence_risk.recommended_lr": _fmt_lr(out["recommended_lr"])}
+        if out["predictions"]:
+            first = out["predictions"][0]
+            tags.update({tracking.TAG_P: f"{first['p_failed']:.6f}", tracking.TAG_RISK: first["risk"],
+                         "divergence_risk.lr": f"{first['lr']:g}"})
         tracking.tag_version(mv, tags)
     if as_json:
         payload = [o for _, o, _ in results]
         typer.echo(json.dumps(payload[0] if model_uri else payload, indent=2))
         return
     for mv, out, prof in results:
-        _print_assessment(out, prof)
+        _print_result(out, prof)
         typer.echo(f"tagged {mv.name} version {mv.version}")
 
 
@@ -807,6 +695,28 @@ def _new_predictor_dir(root: Path, version: str) -> Path:
     return path
 
 
+GroupsOpt = typer.Option(None, "--groups", help="Tree feature groups of the v3 predictor, comma-separated from "
+                         "config, forward, gradient, spectral; default: chosen by the ablation (a group ships only "
+                         "if its leave-one-class-out gain has a 95% CI above 0).", show_default=False)
+
+
+def _parse_groups(groups: Optional[str]):
+    from risk_model.lrmodel import FEATURE_GROUPS
+
+    if groups is None:
+        return None
+    got = tuple(g.strip() for g in groups.split(",") if g.strip())
+    bad = [g for g in got if g not in FEATURE_GROUPS]
+    if bad:
+        raise UsageError(f"--groups: unknown group {bad[0]!r}; choose from {', '.join(FEATURE_GROUPS)}")
+    return got
+
+
+def _is_ladder(corpus: Path) -> bool:
+    return (corpus / "runs.parquet").exists() and (corpus / "layers.parquet").exists() and \
+        "model_id" in __import__("pyarrow.parquet", fromlist=["read_schema"]).read_schema(corpus / "runs.parquet").names
+
+
 @app.command("train")
 @user_errors
 def train_cmd(
@@ -816,27 +726,35 @@ def train_cmd(
                                        "without --replace).", show_default=False),
     replace: bool = typer.Option(False, "--replace", help="Allow --out to name an existing predictor (such as the "
                                  "shipped models/default) and replace it."),
-    calibration: str = CalibrationOpt,
-    n_splits: int = SplitsOpt,
-    seed: int = typer.Option(0, "--seed", help="Seed of the folds and the trees."),
-    rounds: int = typer.Option(300, "--rounds", help="Boosting rounds of the XGBoost predictor."),
+    groups: Optional[str] = GroupsOpt,
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Also write the held-out evaluation "
+                                              "(heldout_v3.md/.json/.png) here, e.g. reports.", show_default=False),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the CIs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the trees and the bootstrap."),
+    rounds: int = typer.Option(100, "--rounds", help="Boosting rounds of each tree part (depth 2, eta 0.05)."),
     promote: bool = typer.Option(False, "--promote", help="Move the alias champion to this version even if its held-out metrics are worse."),
     track: bool = typer.Option(True, "--track/--no-track", help="Log to MLflow and register the model."),
 ) -> None:
-    """Train the config-aware and config-free predictors, write them to --out, log and register them in MLflow."""
+    """Train predictor v3 on a ladder corpus: ablation, leave-one-class-out metrics, fit, write --out, register in MLflow.
+
+    Labels: labels.failed (and the paper's diverged) per run, labels.ladder_summary per model. The
+    feature groups are chosen by the ablation unless --groups is given. Retraining the shipped
+    predictor is this one command (about 20 minutes on 2 busy cores).
+
+    Example: risk train --corpus datasets/corpus-v2 --out models/default --replace
+    """
     import shutil
     import tempfile
 
-    from risk_model.evaluate import evaluate_corpus, flat_metrics
     from risk_model.outputs import check_writable_dir
-    from risk_model.train import train_bundle
 
-    _check_cv_options(calibration, n_splits)
     _check_at_least(0, seed=seed)
-    _require("netcal", *(["mlflow"] if track else []))
+    _require("netcal", "xgboost", "sklearn", *(["mlflow"] if track else []))
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
-    xgb_params = {"num_boost_round": rounds}
+    if n_boot < 1:
+        raise UsageError(f"--n-boot must be at least 1, got {n_boot}")
+    chosen = _parse_groups(groups)
     if out is not None:
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} is a file: --out must be a directory")
@@ -845,24 +763,22 @@ def train_cmd(
         if (out / "manifest.json").exists() and not replace:
             raise UsageError(f"{out} already holds a predictor: add --replace to replace it, or choose another --out")
     check_writable_dir(out.parent if out is not None else Path("models"), what="predictor")
-    c = _load_corpus_verbose(corpus)
-    if c.runs["diverged"].nunique() < 2:
-        raise UsageError("the corpus holds one class only: need diverged and stable runs")
+    _load_corpus_verbose(corpus)  # the schema check: a missing column is one line naming it
+    if len(corpus) != 1 or not _is_ladder(corpus[0]):
+        raise UsageError("risk train needs one ladder corpus (runs with model_id, a layers table and models.parquet, "
+                         "like datasets/corpus-v2); the v1 predictors are evaluation baselines now (risk evaluate)")
+    from risk_model.heldout_v3 import evaluate_v3
+    from risk_model.serve import PredictorBundle
+    from risk_model.train import train_lr_predictor
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        res = evaluate_corpus(c, out_dir=tmp / "evaluation", n_splits=n_splits, seed=seed,
-                              calibration=calibration, holdouts=(), baselines=False, xgb_params=xgb_params)
-        bundle = train_bundle(c, res["summary"], calibration=calibration, n_splits=n_splits, seed=seed,
-                              xgb_params=xgb_params)
-        if len(corpus) == 1 and "model_id" in c.runs.columns:  # a ladder corpus: predictor v2 too
-            from risk_model.train import train_critical_lr
-
-            typer.echo("fitting the critical-LR predictor (leave-one-class-out metrics first) ...", err=True)
-            bundle.critical_lr = train_critical_lr(corpus[0], seed=seed)
-            bundle.version = bundle.critical_lr.metadata_["version"]
-            cm = bundle.critical_lr.metadata_["metrics"]
-            typer.echo(f"critical-LR predictor: leave-one-class-out AUROC {cm['auroc']:.4f}, ECE {cm['ece']:.4f}, "
-                       f"max_safe_lr right for {cm['max_safe_lr_right']:.1%} of held-out networks")
+        typer.echo("leave-one-class-out evaluation (ablation first unless --groups) ...", err=True)
+        ev = evaluate_v3(corpus[0], report_dir or (tmp / "evaluation"), n_boot=n_boot, seed=seed, n_estimators=rounds,
+                         groups=chosen, do_ablation=chosen is None,
+                         progress=lambda *a: typer.echo(" ".join(map(str, a)), err=True))
+        lrp, free = train_lr_predictor(ev, seed=seed, n_estimators=rounds)
+        bundle = PredictorBundle(None, free, "", version=lrp.metadata_["version"], lr_predictor=lrp)
         staged = bundle.save(tmp / "bundle")
         if out is None:
             out = _new_predictor_dir(Path("models"), bundle.version)
@@ -881,18 +797,25 @@ def train_cmd(
             shutil.rmtree(old)
         else:
             swap.rename(out)
-        xs = res["summary"]["xgboost"]
-        typer.echo(f"trained on {len(c.runs)} runs (corpus {c.hash[:12]}): grouped-CV AUROC {xs['auroc']:.4f} "
-                   f"[{xs['auroc_lo']:.4f}, {xs['auroc_hi']:.4f}], ECE {xs['ece']:.4f}; written to {out}")
+        m = lrp.metadata_["metrics"]
+        typer.echo(f"trained v3 on {lrp.metadata_['n_networks']} networks, {lrp.metadata_['n_runs']} runs (corpus "
+                   f"{ev['corpus'].hash[:12]}), groups {', '.join(ev['groups']) or 'none (linear part only)'}: "
+                   f"leave-one-class-out AUROC on failed {m['auroc']:.4f}, ECE {m['ece']:.4f}, max_safe_lr right "
+                   f"{m['max_safe_lr_right']:.1%} / unsafe {m['max_safe_lr_unsafe']:.1%}; written to {out}")
         if track:
             from risk_model import tracking
 
-            params = dict(calibration=calibration, n_splits=n_splits, seed=seed, rounds=rounds, n_runs=len(c.runs),
-                          corpus=",".join(map(str, corpus)), corpus_hash=c.hash, predictor_version=bundle.version,
-                          n_samples=c.profile_settings["n_samples"], rank=c.profile_settings["rank"])
-            rec = tracking.log_training(bundle_dir=out, params=params, metrics=flat_metrics(res),
-                                        heldout={k: xs[k] for k in ("auroc", "ece", "brier")}, corpus_hash=c.hash,
-                                        files=res["files"], promote=promote)
+            params = dict(seed=seed, rounds=rounds, n_boot=n_boot, groups=",".join(ev["groups"]),
+                          n_runs=lrp.metadata_["n_runs"], corpus=",".join(map(str, corpus)), corpus_hash=ev["corpus"].hash,
+                          predictor_version=bundle.version)
+            metrics = {"v3_lofo_auroc_failed": m["auroc"], "v3_lofo_ece_failed": m["ece"], "v3_lofo_brier_failed": m["brier"],
+                       "v3_lofo_auroc_diverged": m["auroc_diverged"], "v3_max_safe_lr_right": m["max_safe_lr_right"],
+                       "v3_max_safe_lr_unsafe": m["max_safe_lr_unsafe"],
+                       "v3_recommended_within_3x": m["recommended_within_3x"]}
+            rec = tracking.log_training(bundle_dir=out, params=params,
+                                        metrics={k: v for k, v in metrics.items() if v is not None and math.isfinite(v)},
+                                        heldout={k: m[k] for k in ("auroc", "ece", "brier")}, corpus_hash=ev["corpus"].hash,
+                                        files=ev["files"], promote=promote)
             typer.echo(f"MLflow run {rec.run_id}; registered {tracking.MODEL_NAME} version {rec.version}; "
                        f"champion {'moved' if rec.promoted else 'kept'} ({rec.reason})")
 
@@ -908,7 +831,16 @@ def evaluate_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the folds, the trees and the bootstrap."),
     track: bool = typer.Option(True, "--track/--no-track", help="Log the evaluation to MLflow."),
 ) -> None:
-    """Grouped CV, leave-one-family/norm-out, baselines table, ROC and reliability plots → --out and MLflow."""
+    """Evaluate the predictors held out and write reports to --out (and MLflow).
+
+    On a ladder corpus (corpus-v2): predictor v3 left one architecture class out on the `failed`
+    label (per class and pooled AUROC with CIs, ECE, max_safe_lr right/unsafe, recommended_lr
+    within 3x), the feature-group ablation, leave-largest-out and the lr_fail plot
+    (heldout_v3.*); the v2 critical-LR model (heldout.*) and the v1 grouped-CV baselines
+    (evaluation.md) beside it.
+
+    Example: risk evaluate --corpus datasets/corpus-v2 --out reports
+    """
     from risk_model.evaluate import evaluate_corpus, flat_metrics
 
     from risk_model.evaluate import write_report
@@ -956,6 +888,18 @@ def evaluate_cmd(
         metrics.update({"v2_lofo_auroc": lad["pooled"][FULL]["auroc"], "v2_lofo_ece": lad["pooled"][FULL]["ece"],
                         "v2_lofo_brier": lad["pooled"][FULL]["brier"], "v2_max_safe_lr_right": safe["right"],
                         "v2_max_safe_lr_unsafe": safe["unsafe"]})
+        from risk_model.heldout_v3 import evaluate_v3
+
+        typer.echo("predictor v3: ablation, leave-one-class-out on failed, leave-largest-out ...", err=True)
+        ev = evaluate_v3(corpus[0], out, n_boot=n_boot, seed=seed,
+                         progress=lambda *a: typer.echo(" ".join(map(str, a)), err=True))
+        p3 = ev["pooled"]
+        typer.echo(f"{'v3 held-out class, P(failed)':<50} AUROC {p3['failed']['auroc']:.4f} [{p3['failed']['auroc_ci'][0]:.4f}, "
+                   f"{p3['failed']['auroc_ci'][1]:.4f}]  ECE {p3['failed']['ece']:.4f}; groups {', '.join(ev['groups'])}")
+        typer.echo(f"report written to {out / 'heldout_v3.md'}")
+        res["files"] = list(res["files"]) + list(ev["files"])
+        metrics.update({"v3_lofo_auroc_failed": p3["failed"]["auroc"], "v3_lofo_ece_failed": p3["failed"]["ece"],
+                        "v3_max_safe_lr_right": p3["max_safe_right"], "v3_max_safe_lr_unsafe": p3["max_safe_unsafe"]})
     if track:
         from risk_model import tracking
 
@@ -1001,7 +945,8 @@ def _sweep_spec_keys() -> str:
     return ("Spec keys (TOML). Top level: kind (\"runs\", the default" + ladder + "); name; n_runs (runs to sample); sampler (" + "|".join(SAMPLERS) +
             "); seed (of the sampler); seeds_per_config (training seeds per sampled config); table \\[grid]: a value or "
             "a list of values per run key, any of: " + ", ".join(grid) + ". Keys left out take their default. "
-            "Example: datasets/corpus-v1/spec.toml.")
+            "Spec examples: datasets/corpus-v2/spec.toml (ladder), datasets/corpus-v1/spec.toml.\n\n"
+            "Example: risk sweep datasets/corpus-v2/spec.toml --out sweeps/corpus-v2 --workers 2")
 
 
 app.command("sweep", cls=_SweepCommand)(sweep_command)

@@ -560,3 +560,21 @@ def library_versions() -> dict:
             out[dist] = None
     out["platform"] = sys.platform
     return out
+
+
+# ==================================================================== v1's grid scan (evaluation baseline)
+LR_GRID = np.logspace(-5, 0, 51)  # 1e-5 … 1, ten points per decade
+
+
+def max_safe_lr(predictor, base, threshold: float = 0.2, grid: np.ndarray = LR_GRID) -> float | None:
+    """v1: the largest grid learning rate whose P(divergence) and that of every smaller grid rate
+    are below ``threshold`` (None when even the smallest is not). ``base``: a request table
+    (mapping column -> array); its first row is used."""
+    table = {k: np.repeat(np.asarray(base[k])[:1], len(grid)) for k in base}
+    table["lr"] = np.asarray(grid, dtype=float)
+    p = predictor.predict_proba(table)[:, 1]
+    ok = p < threshold
+    if not ok[0]:
+        return None
+    first_bad = np.argmin(ok) if not ok.all() else len(ok)
+    return float(grid[first_bad - 1])

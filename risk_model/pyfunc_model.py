@@ -1,10 +1,11 @@
 """MLflow models-from-code definition of the divergence-risk predictor (no cloudpickle).
 
-Logged by ``risk_model.tracking.log_training`` with the predictor directory (JSON + XGBoost JSON) as
-the artifact ``predictor``. Input: a DataFrame of runs with the profile aggregates and, for the
-config-aware predictor, ``lr`` (+ ``optimizer``, ``warmup``, ``batch_size``, ``steps``,
-``d_model``; missing config columns take the training corpus's defaults). Output: a DataFrame with
-``p_divergence`` and ``risk`` per row.
+Logged by ``risk_model.tracking.log_training`` with the predictor bundle (JSON + XGBoost JSON) as
+the artifact ``predictor``. Input: a DataFrame with one row per network (and learning rate): the
+v3 feature columns (``lrmodel.FEATURE_GROUPS`` and the scale columns ``ln_d_model``,
+``ln_n_layers``, ``ln_steps``, ``ln_batch_size``, as ``serve.network_features`` builds them) and
+``lr``. Output: ``p_failed``, ``p_divergence``, ``risk``, ``max_safe_lr`` and ``recommended_lr``
+per row, from ``serve.predict_table`` — the model call ``risk predict`` makes.
 """
 from __future__ import annotations
 
@@ -20,20 +21,11 @@ class DivergenceRiskModel(PythonModel):
         self.bundle = load_bundle(context.artifacts["predictor"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from risk_model.serve import risk_band
+        from risk_model.serve import predict_table
 
-        df = pd.DataFrame(model_input).copy()
-        if "lr" in df and self.bundle.config_aware is not None:
-            pred = self.bundle.config_aware
-            for k, v in pred.metadata_.get("config_defaults", {}).items():
-                if k not in df:
-                    df[k] = v
-            if "optimizer" not in df:
-                df["optimizer"] = "adamw"
-        else:
-            pred = self.bundle.config_free
-        p = pred.predict_proba(df)[:, 1]
-        return pd.DataFrame({"p_divergence": p, "risk": [risk_band(x) for x in p]})
+        df = pd.DataFrame(model_input)
+        out = predict_table(self.bundle, {c: df[c].to_numpy() for c in df.columns})
+        return pd.DataFrame(out)
 
 
 mlflow.models.set_model(DivergenceRiskModel())

@@ -100,3 +100,73 @@ def train_critical_lr(corpus_dir, *, heldout: dict | None = None, evaluate: bool
         shift=model.shift_, scale=model.scale_, versions=library_versions(),
     )
     return model
+
+
+def _heldout_paper_score(nets, runs) -> dict:
+    """Leave-one-class-out AUROC of the paper's isotonic map on M≈1 (P(diverged)), as shown beside
+    the v3 answer."""
+    from sklearn.isotonic import IsotonicRegression
+
+    from .evaluate import auroc, ece
+
+    y = runs["diverged"].to_numpy(int)
+    p = np.full(len(runs), np.nan)
+    for fam in sorted(nets["family"].unique()):
+        te = (runs["family"] == fam).to_numpy()
+        iso = IsotonicRegression(increasing=True, out_of_bounds="clip")
+        iso.fit(runs.loc[~te, "m_near_mean"].to_numpy(float), y[~te])
+        p[te] = iso.predict(runs.loc[te, "m_near_mean"].to_numpy(float))
+    ok = np.isfinite(p)
+    return {"auroc": auroc(y[ok], p[ok]), "ece": ece(y[ok], p[ok]), "protocol": "leave-one-architecture-class-out"}
+
+
+def train_lr_predictor(evaluation: dict, *, seed: int = 0, n_estimators: int = 100):
+    """Fit the shipped v3 predictor (``lrmodel.LRPredictor``) on every network of the corpus that
+    ``heldout_v3.evaluate_v3`` evaluated, with the groups it chose; its held-out metrics go into
+    the metadata. Returns ``(LRPredictor, IsotonicRiskModel)`` (the paper's score, for reference)."""
+    from .heldout_v3 import _fit
+    from .lrmodel import FEATURE_GROUPS, OPTIMIZERS, SCALE_AXES
+
+    nets, runs, c = evaluation["nets"], evaluation["runs"], evaluation["corpus"]
+    groups = tuple(evaluation["groups"])
+    model = _fit(nets, runs, groups, dict(n_estimators=n_estimators, random_state=seed))
+    names = [n for g in groups for n in FEATURE_GROUPS[g]]
+    rng = {n: [float(nets[n].min()), float(nets[n].max())] for n in names
+           if n in nets and nets[n].notna().any() and not n.startswith(("opt_", "schedule_"))}
+    scale_range = {key: [float(nets[key].min()), float(nets[key].max())] for _, key in SCALE_AXES}
+    constant = {}
+    if nets["steps"].nunique() == 1:
+        constant["steps"] = f"{nets['steps'].iloc[0]:g}"
+    sch = [s for s in ("constant", "cosine", "linear") if nets[f"schedule_{s}"].max() > 0]
+    if len(sch) == 1:
+        constant["schedule"] = sch[0]
+    for col, key, what in (("log10_one_minus_beta2", "beta2", lambda v: 1 - 10 ** v), ("log10_eps", "eps", lambda v: 10 ** v)):
+        per = {o: sorted(set(np.round(what(nets.loc[nets["optimizer"] == o, col].dropna()), 12)))
+               for o in OPTIMIZERS if (nets["optimizer"] == o).any()}
+        if all(len(v) <= 1 for v in per.values()):
+            constant[key] = ", ".join(f"{o} {v[0]:g}" for o, v in per.items() if v) or "not used"
+    now = _dt.datetime.now(_dt.timezone.utc)
+    pooled = evaluation["pooled"]
+    f, d = pooled.get("failed", {}), pooled.get("diverged", {})
+    model.metadata_ = dict(
+        name="divergence-risk", kind="lr_v3", version=f"{now:%Y%m%d}-v3-{c.hash[:8]}",
+        trained_at=now.isoformat(timespec="seconds"), corpus_hash=c.hash, corpus_sources=list(c.sources),
+        n_networks=int(len(nets)), n_runs=int(len(runs)), n_failed=int(runs["failed"].sum()),
+        n_diverged=int(runs["diverged"].sum()), n_never_learns=int(nets["never_learns"].sum()),
+        optimizers=list(OPTIMIZERS), families=sorted(nets["family"].unique().tolist()), groups=list(groups),
+        profile_settings=c.profile_settings, feature_range=rng, scale_range=scale_range, constant_recipe=constant,
+        novel_class_widen=float(evaluation["novel_class_widen"]),
+        config_defaults={"warmup": float(runs["warmup"].median()), "batch_size": float(runs["batch_size"].median()),
+                         "steps": float(runs["steps"].median()), "d_model": float(runs["d_model"].median()),
+                         "grad_clip": 0.0, "weight_decay": 0.0},
+        metrics={"auroc": f.get("auroc"), "auroc_ci": f.get("auroc_ci"), "ece": f.get("ece"), "brier": f.get("brier"),
+                 "auroc_diverged": d.get("auroc"), "ece_diverged": d.get("ece"),
+                 "max_safe_lr_right": pooled["max_safe_right"], "max_safe_lr_unsafe": pooled["max_safe_unsafe"],
+                 "recommended_within_3x": pooled["recommended_within_3x"],
+                 "per_class_auroc": {k: v.get("failed", {}).get("auroc") for k, v in evaluation["per_class"].items()},
+                 "protocol": "leave-one-architecture-class-out, label failed"},
+        versions=library_versions(),
+    )
+    free = IsotonicRiskModel().fit(runs, runs["diverged"].to_numpy(), runs["model_id"].to_numpy())
+    free.metadata_ = dict(model.metadata_, kind="config_free", metrics=_heldout_paper_score(nets, runs))
+    return model, free

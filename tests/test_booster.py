@@ -41,17 +41,26 @@ def test_agrees_with_xgboost(params):
                                rtol=0, atol=1e-5)
 
 
-def test_shipped_booster_agrees_with_xgboost():
-    path = ROOT / "models" / "default" / "config_aware" / "booster.json"
-    booster = xgb.Booster()
-    booster.load_model(str(path))
-    trees = TreeEnsemble.load(path)
-    assert trees.feature_names == booster.feature_names and trees.n_trees == booster.num_boosted_rounds()
-    rng = np.random.default_rng(2)
-    X = rng.normal(size=(500, trees.n_features)) * 3.0
-    X[rng.random(X.shape) < 0.05] = np.nan
-    want = booster.predict(xgb.DMatrix(X, feature_names=booster.feature_names))
-    np.testing.assert_allclose(trees.predict(X), want, rtol=0, atol=1e-6)
+def test_shipped_trees_agree_with_xgboost():
+    """Every tree part of the shipped v3 predictor, evaluated in numpy, equals xgboost's margin; a
+    predictor whose ablation kept no tree group ships no trees."""
+    from risk_model.lrmodel import LRPredictor
+
+    lrp = LRPredictor.load(ROOT / "models" / "default" / "lr_predictor")
+    parts = [lrp.fail_, lrp.best_, lrp.diverge_]
+    if not lrp.metadata_.get("groups"):
+        assert all(m.booster_json_ is None and m.trees_ is None for m in parts)
+    for m in parts:
+        if m.booster_json_ is None:
+            continue
+        booster = xgb.Booster(model_file=bytearray(m.booster_json_.encode()))
+        trees = m.trees_
+        assert trees.n_trees == booster.num_boosted_rounds()
+        rng = np.random.default_rng(2)
+        X = rng.normal(size=(500, trees.n_features)) * 3.0
+        X[rng.random(X.shape) < 0.05] = np.nan
+        want = booster.predict(xgb.DMatrix(X, feature_names=booster.feature_names), output_margin=True)
+        np.testing.assert_allclose(trees.predict_margin(X), want, rtol=0, atol=1e-5)
 
 
 def test_refuses_what_it_cannot_evaluate(tmp_path):

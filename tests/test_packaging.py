@@ -61,4 +61,4 @@ def test_default_predictor_is_found():
     assert (path / "manifest.json").is_file()
     assert (path / "manifest.json").read_bytes() == (ROOT / "models" / "default" / "manifest.json").read_bytes()
     b = load_bundle()
-    assert b.config_aware is not None and b.config_free is not None
+    assert b.lr_predictor is not None and b.config_free is not None

@@ -15,7 +15,8 @@ from risk_model.corpus import load_corpus
 from risk_model.evaluate import auroc
 from risk_model.predictor import (P_CLIP, BoostedRiskModel, CalibratedRiskModel, IsotonicRiskModel, PredictorError,
                                   load_predictor, save_predictor)
-from risk_model.serve import KSS_EFFECT, LR_GRID, PredictorBundle, load_bundle, max_safe_lr
+from risk_model.predictor import LR_GRID, max_safe_lr
+from risk_model.serve import KSS_EFFECT, PredictorBundle, load_bundle
 from synth_corpus import make_corpus, true_logit, write_corpus
 
 FAST = {"num_boost_round": 40}

@@ -16,6 +16,7 @@ from risk_model.cli import app
 from risk_model.corpus import load_corpus
 from risk_model.serve import load_bundle
 from risk_model.zoo import build_model, save_checkpoint
+from ladder_subset import write_ladder_subset
 from synth_corpus import make_corpus, write_corpus
 
 runner = CliRunner()
@@ -34,17 +35,24 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
-    runs, layers = make_corpus(n_configs=40, seeds=2, seed=4)
-    good = write_corpus(tmp_path_factory.mktemp("good"), runs, layers)
+    """A ladder corpus of real corpus-v2 runs, and the same with its losses and labels shuffled."""
+    from risk_model.sweep.runner import write_parquet_atomic
+
+    good = write_ladder_subset(tmp_path_factory.mktemp("good"), families=("gpt", "moe"), per_class=10)
+    noise = tmp_path_factory.mktemp("noise")
+    for name in ("layers", "models"):
+        write_parquet_atomic(pd.read_parquet(good / f"{name}.parquet"), noise / f"{name}.parquet", name)
+    runs = pd.read_parquet(good / "runs.parquet")
     rng = np.random.default_rng(0)
-    shuffled = runs.assign(diverged=rng.permutation(runs["diverged"].to_numpy()))
-    noise = write_corpus(tmp_path_factory.mktemp("noise"), shuffled, layers)
+    perm = rng.permutation(len(runs))
+    runs = runs.assign(final_loss=runs["final_loss"].to_numpy()[perm], diverged=runs["diverged"].to_numpy()[perm])
+    write_parquet_atomic(runs, noise / "runs.parquet", "runs")
     return good, noise
 
 
 def train(corpus, out, *extra):
-    res = runner.invoke(app, ["train", "--corpus", str(corpus), "--out", str(out), "--rounds", "15",
-                              "--n-splits", "3", *extra])
+    res = runner.invoke(app, ["train", "--corpus", str(corpus), "--out", str(out), "--rounds", "10",
+                              "--n-boot", "20", "--groups", "config", *extra])
     assert res.exit_code == 0, res.output
     return res
 
@@ -93,22 +101,29 @@ def test_train_logs_registers_and_serves_pyfunc(store, trained, corpora):
     run = client.get_run(champ.tags["run_id"])
     c = load_corpus(corpora[0])
     assert run.data.tags["corpus_hash"] == c.hash
-    assert 0.5 < run.data.metrics["xgboost.auroc"] <= 1.0
-    assert {"calibration", "n_splits", "rounds", "corpus_hash"} <= set(run.data.params)
+    assert 0.5 < run.data.metrics["v3_lofo_auroc_failed"] <= 1.0
+    assert {"groups", "rounds", "corpus_hash"} <= set(run.data.params)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/roc.png", "evaluation/reliability.png"} <= arts
+    assert {"evaluation/heldout_v3.md", "evaluation/heldout_v3_reliability.png"} <= arts
     # models-from-code: the MLmodel points at the code file; no pickled python model anywhere
     local = Path(mlflow.artifacts.download_artifacts("models:/divergence-risk/1"))
     mlmodel = (local / "MLmodel").read_text()
     assert "model_code_path" in mlmodel and "pyfunc_model.py" in mlmodel
     assert not list(local.rglob("*.pkl"))
     assert str(local).startswith(str(store)) or not (Path.cwd() / "mlruns").exists()
-    # the served pyfunc predicts what the shipped bundle predicts
+    # the served pyfunc predicts what the bundle's model predicts, row by row
+    from risk_model.heldout_v3 import load_v3
+
     pyf = mlflow.pyfunc.load_model("models:/divergence-risk@champion")
-    rows = c.runs.iloc[:20]
-    got = pyf.predict(rows)["p_divergence"].to_numpy()
-    want = load_bundle(trained).config_aware.predict_proba(rows)[:, 1]
-    np.testing.assert_allclose(got, want)
+    nets, _, _ = load_v3(corpora[0])
+    feats = [c for c in nets.columns if nets[c].dtype.kind in "fiub" and c not in ("dead_at_init", "never_learns")]
+    rows = nets[feats].iloc[:8].assign(lr=[1e-4, 1e-3, 1e-2, 1e-1] * 2)
+    got = pyf.predict(rows)
+    lrp = load_bundle(trained).lr_predictor
+    for i in range(len(rows)):
+        one = lrp.predict({k: rows[k].to_numpy()[i:i + 1] for k in feats}, lrs=[rows["lr"].iloc[i]])
+        assert got["p_failed"].iloc[i] == pytest.approx(one["p_failed"][0, 0], rel=1e-9)
+        assert got["max_safe_lr"].iloc[i] == pytest.approx(one["max_safe_lr"][0], rel=1e-9)
 
 
 def test_champion_moves_only_when_not_worse(store, trained, corpora):
@@ -167,22 +182,23 @@ def test_score_tags_model_versions(store, trained, candidates):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     tags = MlflowClient().get_model_version("candidate", "1").tags
-    assert float(tags["divergence_risk.p"]) == pytest.approx(out["predictions"][0]["p_divergence"], abs=1e-6)
+    assert float(tags["divergence_risk.p"]) == pytest.approx(out["predictions"][0]["p_failed"], abs=1e-6)
+    assert float(tags["divergence_risk.max_safe_lr"]) == pytest.approx(out["max_safe_lr"], rel=1e-2)
     assert tags["divergence_risk.risk"] == out["predictions"][0]["risk"]
     assert tags["divergence_risk.predictor_version"].startswith("divergence-risk/")
     # independent path: the same weights from a checkpoint file through `risk predict`
     res2 = runner.invoke(app, ["predict", str(candidates[0]), "--predictor", str(trained), "--lr", "1e-3", "--json"])
-    assert json.loads(res2.stdout)["predictions"][0]["p_divergence"] == pytest.approx(
-        out["predictions"][0]["p_divergence"], rel=1e-6)
+    assert json.loads(res2.stdout)["predictions"][0]["p_failed"] == pytest.approx(
+        out["predictions"][0]["p_failed"], rel=1e-6)
     # the registered predictor serves the same numbers as its directory
     res3 = runner.invoke(app, ["predict", str(candidates[0]), "--predictor", "models:/divergence-risk/1",
                                "--lr", "1e-3", "--json"])
     assert res3.exit_code == 0, res3.output
-    assert json.loads(res3.stdout)["predictions"][0]["p_divergence"] == pytest.approx(
-        out["predictions"][0]["p_divergence"], rel=1e-6)
+    assert json.loads(res3.stdout)["predictions"][0]["p_failed"] == pytest.approx(
+        out["predictions"][0]["p_failed"], rel=1e-6)
     res = runner.invoke(app, ["score", "--all", "candidate", "--predictor", str(trained)])
     assert res.exit_code == 0, res.output
-    assert "divergence_risk.p" in MlflowClient().get_model_version("candidate", "2").tags
+    assert "divergence_risk.max_safe_lr" in MlflowClient().get_model_version("candidate", "2").tags
 
 
 @pytest.mark.parametrize("uri, msg", [

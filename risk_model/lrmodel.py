@@ -1,0 +1,566 @@
+"""Predictor v3: the learning rates of a recipe — where training fails, where it diverges, which is best.
+
+The model (DESIGN §8 v3, docs/method.md)
+    Every network with its training recipe has three learning rates on the ladder: ``lr_fail``
+    (the smallest LR whose run *failed*, ``labels.failed``), ``lr_diverge`` (the paper's label) and
+    ``lr_best`` (the LR of the best final loss). Each is interval-censored by the ladder's rungs
+    (``labels.ladder_summary``). For each target t we model
+
+        ln lr_t = z(x)·β_t + g_t(u(x)) + b_t + s_t·ε,    ε standard logistic,
+
+    where z = [optimizer one-hot, ln width, ln depth, ln steps, ln batch] (centred) is a *linear*
+    scale part — it keeps moving outside the corpus's range of widths, depths, horizons and
+    batches, where trees are flat — and g_t are boosted trees (XGBoost ``survival:aft``, fitted with
+    the linear part as base margin) on dimensionless features u only (init scale × √width, update
+    ratios, relative gradients, recipe fractions, the spectral profile). β has a Gaussian prior
+    (sd ``slope_prior_sd`` per unit of ln axis) and its Laplace posterior covariance Σ widens the
+    interval as a network moves away from the corpus: s_eff² = s² + 3/π² · max(0, zᵀΣz − mean
+    over the corpus). An axis that does not vary in the corpus (steps in corpus-v2) keeps its prior:
+    slope 0 and a widening interval — we do not invent its effect.
+
+    (b_t, s_t) are fitted on out-of-fold margins whose folds hold out whole architecture classes
+    (``groups``), so the probabilities are calibrated on networks of classes the trees did not see:
+    by maximum likelihood of the runs' binary labels (``failed``, ``diverged``), or, for lr_best, of
+    its bracket.
+
+    P(failed | lr) = max(F((ln lr − μ_fail)/s_fail), F((ln lr − μ_div)/s_div)) (a diverged run has
+    failed; the max of two monotone curves is monotone), P(diverged | lr) = F((ln lr − μ_div)/s_div).
+    ``max_safe_lr`` = the largest LR with P(failed) < threshold; the recommended LR is the median of
+    lr_best, capped at ``max_safe_lr``.
+
+Serving needs numpy only: trees are evaluated by ``booster.TreeEnsemble`` from their JSON, during
+fitting as well (one prediction path). The training-side helpers (``ladder_targets``,
+``network_table``) import pandas lazily.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from .init_features import GROUPS as PARAM_GROUPS
+from .init_features import forward_feature_names
+
+OPTIMIZERS = ("adamw", "lion", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+#: the scale axes of the linear part: (feature column, recipe key)
+SCALE_AXES = (("ln_d_model", "d_model"), ("ln_n_layers", "n_layers"), ("ln_steps", "steps"),
+              ("ln_batch_size", "batch_size"))
+SCALE_COLUMNS = [c for c, _ in SCALE_AXES]
+#: optimizer hyper-parameters of the corpus-v2 trainer (``sweep/trainer.py``): AdamW β2 0.95, eps
+#: torch's 1e-8; Lion β2 0.99, no eps; SGD neither. Used when a corpus has no such column.
+CORPUS_BETA2 = {"adamw": 0.95, "lion": 0.99}
+CORPUS_EPS = {"adamw": 1e-8}
+TARGETS = ("fail", "best", "diverge")
+
+
+def _config_names() -> list[str]:
+    return ([f"opt_{o}" for o in OPTIMIZERS] + [f"schedule_{s}" for s in SCHEDULES]
+            + ["warmup_fraction", "grad_clip", "weight_decay", "log10_one_minus_beta2", "log10_eps"]
+            + [f"log10_rms_w_sqrt_d_{g}" for g in ("embed", "out", "hidden")] + ["log10_rms_w_gain"])
+
+
+def _gradient_names() -> list[str]:
+    return ["log10_grad_rms"] + [f"log10_grad_rel_{g}" for g in PARAM_GROUPS]
+
+
+def _spectral_names() -> list[str]:
+    from .threshold import FEATURE_GROUPS as V2
+
+    return list(V2["spectral"])
+
+
+#: Tree feature groups, all dimensionless (no width, depth, steps, batch or parameter count).
+FEATURE_GROUPS: dict[str, list[str]] = {
+    "config": _config_names(),
+    "forward": forward_feature_names(),
+    "gradient": _gradient_names(),
+    "spectral": _spectral_names(),
+}
+
+
+def _f(v) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def recipe_features(*, optimizer: str, warmup: float, steps: float, grad_clip: float, weight_decay: float,
+                    batch_size: float, d_model: float, n_layers: float, schedule: str = "constant",
+                    beta2: float | None = None, eps: float | None = None) -> dict[str, float]:
+    """The scale columns and the dimensionless config features of a recipe.
+
+    ``beta2``/``eps`` None: the corpus trainer's value for the optimizer (``CORPUS_BETA2``,
+    ``CORPUS_EPS``; NaN where the optimizer has none).
+
+    >>> f = recipe_features(optimizer="adamw", warmup=30, steps=300, grad_clip=1.0, weight_decay=0.0,
+    ...                     batch_size=16, d_model=64, n_layers=4)
+    >>> round(f["warmup_fraction"], 3), round(f["ln_d_model"], 3), f["schedule_constant"]
+    (0.1, 4.159, 1.0)
+    """
+    opt = optimizer.lower()
+    b2 = CORPUS_BETA2.get(opt, math.nan) if beta2 is None else float(beta2)
+    e = CORPUS_EPS.get(opt, math.nan) if eps is None else float(eps)
+    out = {f"opt_{o}": float(opt == o) for o in OPTIMIZERS}
+    out.update({f"schedule_{s}": float(schedule == s) for s in SCHEDULES})
+    out.update(warmup_fraction=_f(warmup) / max(_f(steps), 1.0), grad_clip=_f(grad_clip),
+               weight_decay=_f(weight_decay),
+               log10_one_minus_beta2=math.log10(1 - b2) if math.isfinite(b2) and b2 < 1 else math.nan,
+               log10_eps=math.log10(e) if math.isfinite(e) and e > 0 else math.nan)
+    for col, key in SCALE_AXES:
+        v = _f(dict(d_model=d_model, n_layers=n_layers, steps=steps, batch_size=batch_size)[key])
+        out[col] = math.log(v) if math.isfinite(v) and v > 0 else math.nan
+    return out
+
+
+def init_scale_features(init: dict, d_model: float) -> dict[str, float]:
+    """Dimensionless init-time features from ``init_features.init_features``: RMS(W)·√d per matrix
+    group (1 for a 1/√d init), the gain RMS, the RMS gradient per parameter and ‖g‖/‖W‖ per group,
+    and the forward group as measured."""
+    half_log_d = 0.5 * math.log10(d_model) if d_model and d_model > 0 else math.nan
+    out = {f"log10_rms_w_sqrt_d_{g}": _f(init.get(f"log10_rms_w_{g}")) + half_log_d
+           for g in ("embed", "out", "hidden")}
+    out["log10_rms_w_gain"] = _f(init.get("log10_rms_w_gain"))
+    out["log10_grad_rms"] = _f(init.get("log10_grad_norm")) - 0.5 * _f(init.get("log10_n_params"))
+    for g in PARAM_GROUPS:
+        out[f"log10_grad_rel_{g}"] = _f(init.get(f"log10_grad_rel_{g}"))
+    for c in forward_feature_names():
+        out[c] = _f(init.get(c))
+    return out
+
+
+# ==================================================================== training-side tables
+def ladder_targets(runs):
+    """Per model, the v3 labels of its ladder (``labels.ladder_summary``, final_loss as the eval
+    loss) as censoring bounds, and per run the ``failed`` label.
+
+    Returns
+    -------
+    (models, failed) : DataFrame indexed by model_id with ``fail_lo``/``fail_hi``,
+        ``best_lo``/``best_hi``, ``div_lo``/``div_hi`` (0 / inf when censored; ``best`` bounds are
+        the geometric midpoints to the neighbouring rungs; NaN for a model that never learns),
+        ``lr_best``, ``lr_fail_min``, ``lr_fail_lo``, ``lr_diverge_min``, ``never_learns``; and a
+        Series of ``failed`` aligned with ``runs``
+    """
+    import pandas as pd
+
+    from .labels import ladder_summary
+
+    rows, failed = [], pd.Series(False, index=runs.index)
+    for mid, g in runs.groupby("model_id", sort=True):
+        s = ladder_summary(g["lr"].to_numpy(float), g["final_loss"].to_numpy(float),
+                           g["diverged"].to_numpy(bool), float(g["marginal_loss"].iloc[0]))
+        failed.loc[g.index] = s["failed"]
+        nan0 = lambda v: 0.0 if not math.isfinite(v) else v  # noqa: E731
+        naninf = lambda v: math.inf if not math.isfinite(v) else v  # noqa: E731
+        if s["never_learns"] or not math.isfinite(s["lr_best"]):
+            blo = bhi = math.nan
+        else:
+            b = s["lr_best"]
+            blo = math.sqrt(b * s["lr_best_lo"]) if math.isfinite(s["lr_best_lo"]) else 0.0
+            bhi = math.sqrt(b * s["lr_best_hi"]) if math.isfinite(s["lr_best_hi"]) else math.inf
+        rows.append(dict(model_id=mid, fail_lo=nan0(s["lr_fail_lo"]), fail_hi=naninf(s["lr_fail_min"]),
+                         best_lo=blo, best_hi=bhi, div_lo=nan0(s["lr_diverge_lo"]),
+                         div_hi=naninf(s["lr_diverge_min"]), lr_best=s["lr_best"], lr_fail_min=s["lr_fail_min"],
+                         lr_fail_lo=s["lr_fail_lo"], lr_diverge_min=s["lr_diverge_min"],
+                         lr_diverge_lo=s["lr_diverge_lo"], never_learns=s["never_learns"]))
+    return pd.DataFrame(rows).set_index("model_id"), failed
+
+
+def _col(row, key, default=math.nan):
+    v = row.get(key, default) if hasattr(row, "get") else default
+    return default if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def network_table(models, layers, runs):
+    """One row per network of a ladder corpus: ids, family, the v3 targets (``ladder_targets``) and
+    every feature (scale columns + ``FEATURE_GROUPS``). Reads ``schedule``, ``beta2``, ``eps`` when
+    the corpus has them (corpus-v3), else the corpus-v2 trainer's values."""
+    import pandas as pd
+
+    from .threshold import spectral_features
+
+    targets, _ = ladder_targets(runs)
+    spec = {mid: spectral_features(g.sort_values("layer")) for mid, g in layers.groupby("model_id")}
+    per_model = runs.groupby("model_id").first()
+    rows = []
+    for _, m in models.iterrows():
+        mid = m["model_id"]
+        r = per_model.loc[mid] if mid in per_model.index else m
+        opt = str(m["optimizer"])
+        row = dict(model_id=mid, family=m["family"], norm=m.get("norm"), optimizer=opt,
+                   dead_at_init=bool(m["dead_at_init"]), d_model=float(m["d_model"]),
+                   n_layers=float(m["n_layers"]), steps=float(m["steps"]), batch_size=float(m["batch_size"]))
+        row.update(recipe_features(optimizer=opt, warmup=m["warmup"], steps=m["steps"], grad_clip=m["grad_clip"],
+                                   weight_decay=m["weight_decay"], batch_size=m["batch_size"], d_model=m["d_model"],
+                                   n_layers=m["n_layers"], schedule=str(_col(r, "schedule", "constant")),
+                                   beta2=_col(r, "beta2", None), eps=_col(r, "eps", None)))
+        row.update(init_scale_features({k: m[k] for k in m.index}, float(m["d_model"])))
+        row.update(spec.get(mid, {c: math.nan for c in FEATURE_GROUPS["spectral"]}))
+        if mid in targets.index:
+            row.update(targets.loc[mid].to_dict())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ==================================================================== the estimator
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
+
+
+def _log_sigmoid(z):
+    return -np.logaddexp(0.0, -z)
+
+
+def _interval_nll(eta, lo, hi, scale):
+    """−Σ log P(ln lo < T ≤ ln hi) for T = eta + scale·logistic, and its gradient in eta.
+    lo = 0 / hi = inf are censored ends."""
+    a = np.where(lo > 0, (np.log(np.where(lo > 0, lo, 1.0)) - eta) / scale, -np.inf)
+    b = np.where(np.isfinite(hi), (np.log(np.where(np.isfinite(hi), hi, 1.0)) - eta) / scale, np.inf)
+    Fa, Fb = _sigmoid(a), _sigmoid(b)
+    both = np.isfinite(a) & np.isfinite(b)
+    logp = np.where(np.isfinite(b) & ~np.isfinite(a), _log_sigmoid(b),
+                    np.where(np.isfinite(a) & ~np.isfinite(b), _log_sigmoid(-a),
+                             np.log(np.clip(Fb - Fa, 1e-300, None))))
+    fa = np.where(np.isfinite(a), Fa * (1 - Fa), 0.0)
+    fb = np.where(np.isfinite(b), Fb * (1 - Fb), 0.0)
+    # d logp / d eta = -(fb - fa) / (scale P)
+    P = np.where(both, np.clip(Fb - Fa, 1e-300, None), np.where(np.isfinite(b), Fb, 1 - Fa))
+    dlogp = -(fb - fa) / (scale * np.clip(P, 1e-300, None))
+    return -float(np.sum(logp)), -dlogp
+
+
+class LogLRModel:
+    """ln lr_t = z·β + trees(u) + b + s·logistic, for one interval-censored target (module docstring).
+
+    Parameters
+    ----------
+    groups : tree feature groups (keys of ``FEATURE_GROUPS``)
+    scale_part : bool, default True
+        The linear part in ln width/depth/steps/batch. False: only optimizer intercepts are linear
+        and the scale columns go to the trees (the v2 form, flat outside the corpus; kept to measure
+        what the linear part buys).
+    slope_prior_sd : prior sd of each scale slope (per unit of ln axis)
+    n_estimators, max_depth, learning_rate, min_child_weight, subsample : booster settings
+    aft_scale : the AFT noise scale the trees are fitted with (the served scale is ``scale_``)
+    n_backfit : rounds of (linear | trees) backfitting
+    n_splits : folds of the out-of-fold margins (``groups`` of fit: whole classes held out)
+    random_state : seed of the booster
+
+    Fitted attributes
+    -----------------
+    feature_names_, tree_features_ : list of str
+    coef_, cov_ : β and its Laplace posterior covariance; ``design_center_``: centring of z
+    trees_ : booster.TreeEnsemble (``booster_json_``: its JSON)
+    shift_, scale_ : b and s; ``base_var_``: the corpus's mean zᵀΣz
+    oof_margin_ : out-of-fold z·β + trees per training network (before b)
+    """
+
+    def __init__(self, groups=("config", "forward", "gradient"), *, scale_part=True, slope_prior_sd=0.5,
+                 n_estimators=100, max_depth=2, learning_rate=0.05, min_child_weight=5.0, subsample=0.8,
+                 aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
+        self.groups = groups
+        self.scale_part = scale_part
+        self.slope_prior_sd = slope_prior_sd
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.min_child_weight = min_child_weight
+        self.subsample = subsample
+        self.aft_scale = aft_scale
+        self.n_backfit = n_backfit
+        self.n_splits = n_splits
+        self.random_state = random_state
+
+    PARAMS = ("groups", "scale_part", "slope_prior_sd", "n_estimators", "max_depth", "learning_rate",
+              "min_child_weight", "subsample", "aft_scale", "n_backfit", "n_splits", "random_state")
+
+    def get_params(self) -> dict:
+        return {k: (list(getattr(self, k)) if k == "groups" else getattr(self, k)) for k in self.PARAMS}
+
+    # ------------------------------------------------------------------ matrices
+    @property
+    def linear_columns_(self) -> list[str]:
+        return [f"opt_{o}" for o in OPTIMIZERS] + (SCALE_COLUMNS if self.scale_part else [])
+
+    def _columns(self, X, names) -> np.ndarray:
+        n = len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
+        cols = [np.asarray(X[c], dtype=float).reshape(-1) if c in X else np.full(n, np.nan) for c in names]
+        M = np.column_stack(cols) if cols else np.zeros((n, 0))
+        return np.where(np.isfinite(M), np.clip(M, -1e30, 1e30), np.nan)
+
+    def _design(self, X) -> np.ndarray:
+        Z = self._columns(X, self.linear_columns_)
+        Z = Z - self.design_center_
+        return np.nan_to_num(Z, nan=0.0)  # an unknown axis sits at the corpus centre (and is flagged by serve)
+
+    # ------------------------------------------------------------------ pieces
+    def _prior_var(self) -> np.ndarray:
+        k = len(OPTIMIZERS)
+        return np.array([100.0] * k + [self.slope_prior_sd ** 2] * (len(self.linear_columns_) - k))
+
+    def _fit_linear(self, Z, offset, lo, hi):
+        from scipy.optimize import minimize
+
+        pv = self._prior_var()
+
+        def f(beta):
+            nll, g = _interval_nll(offset + Z @ beta, lo, hi, self.aft_scale)
+            return nll + 0.5 * np.sum(beta ** 2 / pv), Z.T @ g + beta / pv
+
+        x0 = np.zeros(Z.shape[1])
+        res = minimize(f, x0, jac=True, method="L-BFGS-B", options=dict(maxiter=500, gtol=1e-8))
+        beta = res.x
+        # Laplace: the Hessian by central differences of the analytic gradient
+        H = np.zeros((len(beta), len(beta)))
+        h = 1e-5
+        for j in range(len(beta)):
+            e = np.zeros(len(beta))
+            e[j] = h
+            H[:, j] = (f(beta + e)[1] - f(beta - e)[1]) / (2 * h)
+        H = 0.5 * (H + H.T)
+        return beta, np.linalg.inv(H + 1e-9 * np.eye(len(beta)))
+
+    def _fit_trees(self, U, base, lo, hi):
+        import xgboost as xgb
+
+        from .booster import TreeEnsemble
+
+        d = xgb.DMatrix(U, feature_names=self.tree_features_, base_margin=base)
+        d.set_float_info("label_lower_bound", lo)
+        d.set_float_info("label_upper_bound", hi)
+        params = {"objective": "survival:aft", "eval_metric": "aft-nloglik", "aft_loss_distribution": "logistic",
+                  "aft_loss_distribution_scale": self.aft_scale, "tree_method": "hist",
+                  "max_depth": self.max_depth, "eta": self.learning_rate, "min_child_weight": self.min_child_weight,
+                  "subsample": self.subsample, "seed": self.random_state, "nthread": 1}
+        b = xgb.train(params, d, num_boost_round=self.n_estimators)
+        return TreeEnsemble.from_json(b.save_raw("json").decode())
+
+    @staticmethod
+    def _tree_part(trees, U) -> np.ndarray:
+        if trees is None or U.shape[1] == 0:
+            return np.zeros(len(U))
+        return trees.predict_margin(U).astype(float) - float(trees.base_margin)
+
+    def _fit_core(self, Z, U, lo, hi):
+        """β, Σ and trees by backfitting; returns (beta, cov, trees)."""
+        t = np.zeros(len(Z))
+        trees = None
+        for _ in range(max(1, self.n_backfit)):
+            beta, cov = self._fit_linear(Z, t, lo, hi)
+            if U.shape[1] and self.n_estimators > 0:
+                trees = self._fit_trees(U, Z @ beta, lo, hi)
+                t = self._tree_part(trees, U)
+        return beta, cov, trees
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, lr_low, lr_high, *, runs_model_index=None, runs_lr=None, runs_y=None, groups=None):
+        """Fit on networks ``X`` (rows) with the target in (lr_low, lr_high] (0 / inf: censored).
+
+        With ``runs_*`` (network row index, lr, binary label per run) the calibration (b, s) is
+        fitted by the runs' likelihood; without, by the intervals' likelihood. ``groups`` (e.g.
+        the architecture class of each network) keeps a group inside one fold of the out-of-fold
+        margins the calibration is fitted on.
+        """
+        from scipy.optimize import minimize
+
+        lo = np.asarray(lr_low, dtype=float)
+        hi = np.asarray(lr_high, dtype=float)
+        keep = np.isfinite(lo) | np.isfinite(hi)
+        if not keep.all():
+            raise ValueError("lr_low/lr_high must not both be NaN: drop networks without a target")
+        tree = [c for g in self.groups for c in FEATURE_GROUPS[g]]
+        self.tree_features_ = tree + ([] if self.scale_part else SCALE_COLUMNS)
+        self.feature_names_ = self.linear_columns_ + [c for c in self.tree_features_ if c not in self.linear_columns_]
+        Zraw = self._columns(X, self.linear_columns_)
+        self.design_center_ = np.where(np.arange(Zraw.shape[1]) < len(OPTIMIZERS), 0.0, np.nanmean(Zraw, axis=0))
+        self.design_center_ = np.nan_to_num(self.design_center_)
+        Z = self._design(X)
+        U = self._columns(X, self.tree_features_)
+        g = np.arange(len(Z)) if groups is None else np.asarray(groups)
+        oof = np.full(len(Z), np.nan)
+        from sklearn.model_selection import GroupKFold
+
+        k = min(self.n_splits, len(np.unique(g)))
+        if k >= 2:
+            for tr, te in GroupKFold(n_splits=k).split(Z, groups=g):
+                beta, _, trees = self._fit_core(Z[tr], U[tr], lo[tr], hi[tr])
+                oof[te] = Z[te] @ beta + self._tree_part(trees, U[te])
+        self.coef_, self.cov_, self.trees_ = self._fit_core(Z, U, lo, hi)
+        if not np.isfinite(oof).all():  # too few groups for folds: in-sample margins
+            oof = self._margin(Z, U)
+        self.oof_margin_ = oof
+        if runs_y is not None:
+            ri = np.asarray(runs_model_index, dtype=int)
+            z_lr = np.log(np.asarray(runs_lr, dtype=float))
+            y = np.asarray(runs_y, dtype=float)
+
+            def nll(theta):
+                p = np.clip(_sigmoid((z_lr - oof[ri] - theta[0]) / np.exp(theta[1])), 1e-9, 1 - 1e-9)
+                return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+        else:
+            def nll(theta):
+                return _interval_nll(oof + theta[0], lo, hi, math.exp(theta[1]))[0] / len(oof)
+        res = minimize(nll, x0=np.array([0.0, 0.0]), method="Nelder-Mead",
+                       options=dict(xatol=1e-7, fatol=1e-10, maxiter=4000))
+        self.shift_, self.scale_ = float(res.x[0]), float(np.exp(res.x[1]))
+        self.base_var_ = float(np.mean(np.einsum("ij,jk,ik->i", Z, self.cov_, Z)))
+        self.booster_json_ = self.trees_.to_json() if self.trees_ is not None else None
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    def _margin(self, Z, U) -> np.ndarray:
+        return Z @ self.coef_ + self._tree_part(self.trees_, U)
+
+    def predict_log_lr(self, X) -> dict[str, np.ndarray]:
+        """Per network: ``mu`` (median of ln lr_t), ``scale`` (s_eff, widened by the linear part's
+        uncertainty beyond the corpus's mean) and ``linear_sd`` (sd of z·β, ln units)."""
+        Z = self._design(X)
+        U = self._columns(X, self.tree_features_)
+        var = np.einsum("ij,jk,ik->i", Z, self.cov_, Z)
+        extra = np.maximum(0.0, var - self.base_var_)
+        return dict(mu=self._margin(Z, U) + self.shift_,
+                    scale=np.sqrt(self.scale_ ** 2 + 3.0 / math.pi ** 2 * extra), linear_sd=np.sqrt(var))
+
+    # ------------------------------------------------------------------ JSON (no pickle)
+    def to_dict(self) -> dict:
+        return dict(kind="log_lr_v3", params=self.get_params(), feature_names=self.feature_names_,
+                    tree_features=self.tree_features_, coef=self.coef_.tolist(), cov=self.cov_.tolist(),
+                    design_center=self.design_center_.tolist(), shift=self.shift_, scale=self.scale_,
+                    base_var=self.base_var_,
+                    booster=json.loads(self.booster_json_) if self.booster_json_ else None)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LogLRModel":
+        from .booster import TreeEnsemble
+
+        if d.get("kind") != "log_lr_v3":
+            raise ValueError(f"not a v3 log-LR model (kind {d.get('kind')!r})")
+        p = dict(d["params"])
+        p["groups"] = tuple(p["groups"])
+        m = cls(**p)
+        m.feature_names_, m.tree_features_ = list(d["feature_names"]), list(d["tree_features"])
+        m.coef_, m.cov_ = np.asarray(d["coef"], float), np.asarray(d["cov"], float)
+        m.design_center_ = np.asarray(d["design_center"], float)
+        m.shift_, m.scale_, m.base_var_ = float(d["shift"]), float(d["scale"]), float(d["base_var"])
+        m.booster_json_ = json.dumps(d["booster"]) if d.get("booster") else None
+        m.trees_ = TreeEnsemble.from_json(m.booster_json_) if m.booster_json_ else None
+        return m
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class LRPredictor:
+    """The three v3 targets of one recipe: ``fail_``, ``best_``, ``diverge_`` (``LogLRModel`` each).
+
+    Parameters
+    ----------
+    groups : tree feature groups; ``**model_kw``: passed to every ``LogLRModel``
+
+    Attributes
+    ----------
+    fail_, best_, diverge_ : fitted ``LogLRModel``
+    metadata_ : dict (version, metrics, feature ranges, corpus ranges of the scale axes, …)
+    """
+
+    def __init__(self, groups=("config", "forward", "gradient"), **model_kw):
+        self.groups = groups
+        self.model_kw = model_kw
+
+    def fit(self, nets, runs_model_index, runs_lr, runs_failed, runs_diverged, groups=None) -> "LRPredictor":
+        """``nets``: ``network_table`` rows (targets and features); runs: row index into ``nets``,
+        lr, ``failed`` and ``diverged`` per run; ``groups``: the architecture class per network."""
+        ri = np.asarray(runs_model_index, dtype=int)
+        g = None if groups is None else np.asarray(groups)
+        mk = lambda: LogLRModel(groups=self.groups, **self.model_kw)  # noqa: E731
+        self.fail_ = mk().fit(nets, nets["fail_lo"], nets["fail_hi"], runs_model_index=ri, runs_lr=runs_lr,
+                              runs_y=runs_failed, groups=g)
+        self.diverge_ = mk().fit(nets, nets["div_lo"], nets["div_hi"], runs_model_index=ri, runs_lr=runs_lr,
+                                 runs_y=runs_diverged, groups=g)
+        learns = np.isfinite(np.asarray(nets["best_lo"], float))
+        sub = nets[learns] if hasattr(nets, "iloc") else {k: np.asarray(v)[learns] for k, v in nets.items()}
+        self.best_ = mk().fit(sub, np.asarray(nets["best_lo"], float)[learns],
+                              np.asarray(nets["best_hi"], float)[learns],
+                              groups=None if g is None else g[learns])
+        self.metadata_ = getattr(self, "metadata_", {})
+        return self
+
+    def predict(self, X, lrs=(), threshold: float = 0.2, interval: float = 0.8, widen: float = 1.0) -> dict:
+        """Per network (arrays of shape (n,)): ``max_safe_lr`` with ``max_safe_lo``/``max_safe_hi``
+        (the central ``interval`` of lr_fail), ``recommended_lr`` (median lr_best, capped at
+        max_safe_lr) with ``recommended_lo``/``recommended_hi``, ``lr_best`` (uncapped), and for
+        ``lrs`` the arrays (n, len(lrs)) ``p_failed`` and ``p_diverged``. ``widen`` multiplies every
+        scale (a network outside every class seen)."""
+        f, b, d = (m.predict_log_lr(X) for m in (self.fail_, self.best_, self.diverge_))
+        for r in (f, b, d):
+            r["scale"] = r["scale"] * widen
+        q = (1 - interval) / 2
+        lt = _logit(threshold)
+        safe = np.minimum(np.exp(f["mu"] + f["scale"] * lt), np.exp(d["mu"] + d["scale"] * lt))
+        best = np.exp(b["mu"])
+        out = dict(max_safe_lr=safe, max_safe_lo=np.exp(f["mu"] + f["scale"] * _logit(q)),
+                   max_safe_hi=np.exp(f["mu"] + f["scale"] * _logit(1 - q)),
+                   lr_best=best, recommended_lr=np.minimum(best, safe),
+                   recommended_lo=np.exp(b["mu"] + b["scale"] * _logit(q)),
+                   recommended_hi=np.exp(b["mu"] + b["scale"] * _logit(1 - q)),
+                   mu_fail=f["mu"], scale_fail=f["scale"], mu_diverge=d["mu"], scale_diverge=d["scale"],
+                   mu_best=b["mu"], scale_best=b["scale"], linear_sd_fail=f["linear_sd"])
+        out["recommended_lo"] = np.minimum(out["recommended_lo"], out["recommended_lr"])
+        lr = np.log(np.atleast_1d(np.asarray(lrs, dtype=float)))[None, :] if len(lrs) else np.zeros((1, 0))
+        pd_ = _sigmoid((lr - d["mu"][:, None]) / d["scale"][:, None])
+        pf = np.maximum(_sigmoid((lr - f["mu"][:, None]) / f["scale"][:, None]), pd_)
+        out.update(p_failed=pf, p_diverged=pd_)
+        return out
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return dict(kind="lr_predictor_v3", groups=list(self.groups), model_kw=self.model_kw,
+                    fail=self.fail_.to_dict(), best=self.best_.to_dict(), diverge=self.diverge_.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LRPredictor":
+        if d.get("kind") != "lr_predictor_v3":
+            raise ValueError(f"not a v3 LR predictor (kind {d.get('kind')!r})")
+        m = cls(groups=tuple(d["groups"]), **d.get("model_kw", {}))
+        m.fail_, m.best_, m.diverge_ = (LogLRModel.from_dict(d[k]) for k in ("fail", "best", "diverge"))
+        return m
+
+    def save(self, path):
+        """Write ``lr_predictor.json`` and ``metadata.json`` into directory ``path``."""
+        from pathlib import Path
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "lr_predictor.json").write_text(json.dumps(self.to_dict()))
+        (path / "metadata.json").write_text(json.dumps(getattr(self, "metadata_", {}), indent=2, default=float))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "LRPredictor":
+        """Read a directory written by ``save``; ``PredictorError`` names a missing or corrupt file."""
+        from pathlib import Path
+
+        from .errors import PredictorError
+
+        path = Path(path)
+        docs = {}
+        for name in ("lr_predictor.json", "metadata.json"):
+            f = path / name
+            try:
+                docs[name] = json.loads(f.read_text())
+            except FileNotFoundError:
+                raise PredictorError(f"{f}: missing (a v3 predictor directory holds lr_predictor.json and "
+                                     "metadata.json)") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise PredictorError(f"{f}: not valid JSON ({e})") from None
+        try:
+            m = cls.from_dict(docs["lr_predictor.json"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PredictorError(f"{path / 'lr_predictor.json'}: not a v3 predictor ({e})") from None
+        m.metadata_ = docs["metadata.json"]
+        return m

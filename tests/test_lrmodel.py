@@ -1,0 +1,177 @@
+"""Predictor v3 (risk_model.lrmodel): the labels it learns come from labels.ladder_summary, the
+linear scale part recovers a known law and keeps moving outside the training range where trees are
+flat, the interval widens off the corpus, numpy serving equals xgboost, JSON round-trips."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from risk_model.lrmodel import FEATURE_GROUPS, LogLRModel, LRPredictor, ladder_targets, recipe_features
+
+RUNGS = 10.0 ** np.arange(-5, 1.01, 0.5)
+
+
+def test_ladder_targets_follow_the_label_rule_on_a_hand_built_ladder():
+    # model a: best final loss 2.0 at 1e-2; R = 5 so the failure limit is 2 + ½·3 = 3.5
+    runs = pd.DataFrame(dict(
+        model_id=["a"] * 4 + ["b"] * 2,
+        lr=[1e-3, 1e-2, 1e-1, 1.0, 1e-3, 1e-2],
+        final_loss=[3.0, 2.0, 4.9, np.nan, 4.95, 4.96],
+        diverged=[False, False, False, True, False, False],
+        marginal_loss=[5.0] * 6))
+    t, failed = ladder_targets(runs)
+    assert failed.tolist() == [False, False, True, True, True, True]    # b never learns: fails everywhere
+    a, b = t.loc["a"], t.loc["b"]
+    assert (a.fail_lo, a.fail_hi) == (1e-2, 1e-1)
+    assert a.best_lo == pytest.approx(math.sqrt(1e-3 * 1e-2)) and a.best_hi == pytest.approx(math.sqrt(1e-2 * 1e-1))
+    assert (a.div_lo, a.div_hi) == (1e-1, 1.0)
+    assert b.never_learns and (b.fail_lo, b.fail_hi) == (0.0, 1e-3) and math.isnan(b.best_lo)
+    assert b.div_hi == math.inf and b.div_lo == 1e-2                    # never diverged: right-censored
+
+
+def _synthetic(n=400, seed=0, widths=(32, 48, 64, 96, 128)):
+    """Networks whose lr_fail follows ln lr = −0.7 ln d − 0.5 ln L + 1.5·u − 3 + logistic(0.3), u a
+    dimensionless init feature; measured on half-decade ladders (interval-censored)."""
+    rng = np.random.default_rng(seed)
+    d = rng.choice(widths, n).astype(float)
+    L = rng.choice([2, 4, 8], n).astype(float)
+    u = rng.uniform(-1, 1, n)
+    truth = -0.7 * np.log(d) - 0.5 * np.log(L) + 1.5 * u - 3.0
+    crit = np.exp(truth + rng.logistic(0, 0.3, n))
+    rows = []
+    for i in range(n):
+        f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
+                            d_model=d[i], n_layers=L[i])
+        f["log10_rms_w_sqrt_d_hidden"] = u[i]
+        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
+        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        rows.append(f)
+    return pd.DataFrame(rows), truth
+
+
+def _net(d, L=4, u=0.0, steps=300):
+    f = recipe_features(optimizer="adamw", warmup=0, steps=steps, grad_clip=0, weight_decay=0, batch_size=16,
+                        d_model=d, n_layers=L)
+    f["log10_rms_w_sqrt_d_hidden"] = u
+    return {k: np.array([v]) for k, v in f.items()}
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, _ = _synthetic()
+    kw = dict(groups=("config",), n_estimators=60, n_splits=3)
+    v3 = LogLRModel(**kw).fit(X, X["fail_lo"], X["fail_hi"], groups=np.arange(len(X)) % 5)
+    v2 = LogLRModel(scale_part=False, **kw).fit(X, X["fail_lo"], X["fail_hi"], groups=np.arange(len(X)) % 5)
+    return X, v3, v2
+
+
+def test_linear_part_recovers_the_law_and_extrapolates_where_trees_are_flat(fitted):
+    X, v3, v2 = fitted
+    coef = dict(zip(v3.linear_columns_, v3.coef_))
+    assert coef["ln_d_model"] == pytest.approx(-0.7, abs=0.15)
+    assert coef["ln_n_layers"] == pytest.approx(-0.5, abs=0.15)
+    assert abs(coef["ln_steps"]) < 1e-9                                  # no variation: the prior's 0
+    for d in (512, 1024):                                                # 4× and 8× wider than the corpus
+        truth = -0.7 * math.log(d) - 0.5 * math.log(4) - 3.0
+        e3 = abs(v3.predict_log_lr(_net(d))["mu"][0] - truth)
+        e2 = abs(v2.predict_log_lr(_net(d))["mu"][0] - truth)
+        assert e3 < 0.35 and e2 > e3 + 0.5, (d, e3, e2)
+    # the trees-only form is flat beyond the widest training network, the v3 form is not
+    m2 = [v2.predict_log_lr(_net(d))["mu"][0] for d in (128, 512, 1024)]
+    m3 = [v3.predict_log_lr(_net(d))["mu"][0] for d in (128, 512, 1024)]
+    assert m2[1] == pytest.approx(m2[2], abs=1e-6)
+    assert m3[0] > m3[1] > m3[2]
+
+
+def test_interval_widens_off_the_corpus_by_the_prior_on_an_axis_that_never_varied(fitted):
+    X, v3, _ = fitted
+    s_in = v3.predict_log_lr(_net(64))["scale"][0]
+    s_wide = v3.predict_log_lr(_net(1024))["scale"][0]
+    assert s_in == pytest.approx(v3.scale_, rel=0.05) and s_wide > 1.15 * s_in
+    # steps were always 300: the slope's posterior is its prior (sd 0.5), uncorrelated with the rest,
+    # so going from steps 3000 to 30000 adds exactly 3/π² · 0.5² · ((ln 100)² − (ln 10)²) to s_eff²
+    a = v3.predict_log_lr(_net(1024, steps=3000))["scale"][0]
+    b = v3.predict_log_lr(_net(1024, steps=30000))["scale"][0]
+    want = 3 / math.pi ** 2 * 0.25 * (math.log(100) ** 2 - math.log(10) ** 2)
+    assert b ** 2 - a ** 2 == pytest.approx(want, rel=1e-4)
+
+
+def test_calibrated_scale_matches_the_generating_noise(fitted):
+    """The truth's noise is logistic(0.3); the rungs are half a decade apart (1.15 in ln), so the
+    fitted scale lies between the noise and the noise + the rung's own width."""
+    _, v3, _ = fitted
+    assert 0.2 < v3.scale_ < 0.8
+
+
+def test_numpy_trees_equal_xgboost_with_the_same_base_margin(fitted):
+    import xgboost as xgb
+
+    X, v3, _ = fitted
+    U = v3._columns(X, v3.tree_features_)
+    Z = v3._design(X)
+    booster = xgb.Booster(model_file=bytearray(v3.booster_json_.encode()))
+    want = booster.predict(xgb.DMatrix(U, feature_names=v3.tree_features_, base_margin=Z @ v3.coef_),
+                           output_margin=True)
+    got = Z @ v3.coef_ + v3._tree_part(v3.trees_, U)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_json_round_trip_predicts_the_same(fitted):
+    import json
+
+    X, v3, _ = fitted
+    back = LogLRModel.from_dict(json.loads(json.dumps(v3.to_dict())))
+    a, b = v3.predict_log_lr(X), back.predict_log_lr(X)
+    np.testing.assert_array_equal(a["mu"], b["mu"])
+    np.testing.assert_array_equal(a["scale"], b["scale"])
+
+
+def test_estimator_conventions():
+    m = LogLRModel(groups=("config",), n_estimators=5)
+    assert not [k for k in vars(m) if k.endswith("_")]                  # __init__ only stores arguments
+    X, _ = _synthetic(n=60)
+    assert m.fit(X, X["fail_lo"], X["fail_hi"]) is m
+    assert {"coef_", "cov_", "shift_", "scale_", "trees_"} <= set(vars(m))
+
+
+def test_predictor_curves_are_monotone_and_failed_covers_diverged():
+    X, _ = _synthetic(n=200, seed=1)
+    X = X.assign(div_lo=X["fail_lo"] * 10, div_hi=np.where(np.isfinite(X["fail_hi"]), X["fail_hi"] * 10, np.inf),
+                 best_lo=X["fail_lo"] / 10, best_hi=X["fail_hi"] / 10)
+    runs = [(i, lr, lr >= X.loc[i, "fail_hi"], lr >= X.loc[i, "div_hi"]) for i in range(len(X)) for lr in RUNGS[4:]]
+    ri, lr, f, d = map(np.array, zip(*runs))
+    m = LRPredictor(groups=("config",), n_estimators=20, n_splits=3).fit(X, ri, lr, f, d, groups=np.arange(len(X)) % 4)
+    grid = np.logspace(-6, 1, 50)
+    p = m.predict(X.iloc[:20], lrs=grid)
+    assert (np.diff(p["p_failed"], axis=1) >= -1e-12).all() and (np.diff(p["p_diverged"], axis=1) >= -1e-12).all()
+    assert (p["p_failed"] >= p["p_diverged"] - 1e-12).all()
+    # max_safe_lr is where P(failed) crosses the threshold on a brute-force grid
+    fine = np.logspace(-8, 2, 4001)
+    pf = m.predict(X.iloc[:5], lrs=fine, threshold=0.2)
+    for k in range(5):
+        crossing = fine[np.argmax(pf["p_failed"][k] >= 0.2)]
+        assert pf["max_safe_lr"][k] == pytest.approx(crossing, rel=0.01)
+    assert (p["recommended_lr"] <= p["max_safe_lr"] * (1 + 1e-12)).all()
+
+
+def test_tree_groups_are_dimensionless():
+    """No width, depth, steps, batch or parameter count among the tree features."""
+    names = {c for g in FEATURE_GROUPS.values() for c in g}
+    assert not names & {"log2_d_model", "n_layers", "steps", "log2_batch_size", "log10_n_params", "d_model"}
+
+
+def test_fit_does_not_depend_on_the_thread_count():
+    from threadpoolctl import threadpool_limits
+
+    X, _ = _synthetic(n=120, seed=3)
+    preds = []
+    for n in (1, 2):
+        with threadpool_limits(limits=n):
+            m = LogLRModel(groups=("config",), n_estimators=20, n_splits=3).fit(X, X["fail_lo"], X["fail_hi"],
+                                                                              groups=np.arange(len(X)) % 3)
+        preds.append(m.predict_log_lr(X))
+    np.testing.assert_array_equal(preds[0]["mu"], preds[1]["mu"])
+    np.testing.assert_array_equal(preds[0]["scale"], preds[1]["scale"])
