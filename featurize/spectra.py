@@ -49,7 +49,7 @@ def eigenvector_condition(V: np.ndarray) -> float:
 #: eigenvalue on the unit circle, which T_MIN approaches to about T_MIN relative.
 T_MIN, T_MAX = 1e-6, 1e3
 #: an eigenvalue on the unit circle contributes its t → 0 limit only when isolated by more than this
-MIN_GAP = 1e-2
+MIN_GAP = 1e-4
 #: refinement starts: the best local maxima of the grid, each refined to convergence
 N_STARTS = 5
 #: the dense-SVD path up to this operator size; above it converged inverse iteration

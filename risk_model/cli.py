@@ -788,7 +788,10 @@ def train_cmd(
         if swap.exists():
             shutil.rmtree(swap)
         shutil.copytree(staged, swap)
-        if out.exists():
+        if out.exists():  # what this command does not train (the in-flight detector) stays in the bundle
+            for part in out.iterdir():
+                if part.is_dir() and not (swap / part.name).exists():
+                    shutil.copytree(part, swap / part.name)
             old = out.with_name(f".{out.name}.old")
             if old.exists():
                 shutil.rmtree(old)

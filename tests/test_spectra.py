@@ -19,7 +19,8 @@ def _grid_max(A: np.ndarray, theta: np.ndarray, t: np.ndarray) -> tuple[float, i
     return float(vals[i, j]), int(i), int(j)
 
 
-def brute_force_kreiss(A: np.ndarray, n_theta: int = 360, n_r: int = 300, t_min: float = 1e-5) -> float:
+def brute_force_kreiss(A: np.ndarray, n_theta: int = 360, n_r: int = 300, t_min: float = 1e-5,
+                       n_fine: int = 201) -> float:
     """sup of (|z|−1)‖(zI−A)⁻¹‖₂ over a polar grid z = (1+t)e^{iθ}, then a finer grid around the
     best cell (plain evaluation on grids, no optimiser, nothing shared with the code under test)."""
     theta = np.linspace(0, 2 * np.pi, n_theta, endpoint=False)
@@ -27,7 +28,7 @@ def brute_force_kreiss(A: np.ndarray, n_theta: int = 360, n_r: int = 300, t_min:
     best, i, j = _grid_max(A, theta, t)
     dth = theta[1] - theta[0]
     lo, hi = t[max(j - 2, 0)], t[min(j + 2, n_r - 1)]
-    fine, _, _ = _grid_max(A, np.linspace(theta[i] - 2 * dth, theta[i] + 2 * dth, 201), np.geomspace(lo, hi, 201))
+    fine, _, _ = _grid_max(A, np.linspace(theta[i] - 2 * dth, theta[i] + 2 * dth, n_fine), np.geomspace(lo, hi, n_fine))
     return max(best, fine)
 
 
@@ -87,13 +88,13 @@ def test_dmd_operators_never_below_brute_force_and_within_the_power_bound(name):
     A = OPERATORS[name]
     K = kreiss_constant(A)
     B = _scaled(A)
-    assert K >= brute_force_kreiss(B, n_theta=240, n_r=120) * (1 - 1e-9)
-    norms = [1.0]
-    P = np.eye(len(B))
-    for _ in range(3000):  # K ≤ sup_k ‖B^k‖ (Kreiss matrix theorem, lower side)
+    assert K >= brute_force_kreiss(B, n_theta=120, n_r=60, n_fine=41) * (1 - 1e-9)
+    P, best = np.eye(len(B)), 1.0
+    for k in range(1, 2001):  # K ≤ sup_k ‖B^k‖ (Kreiss matrix theorem, lower side)
         P = P @ B
-        norms.append(np.linalg.norm(P, 2))
-    assert K <= max(norms) * (1 + 1e-9)
+        if k <= 50 or k % 10 == 0:
+            best = max(best, np.linalg.norm(P, 2))
+    assert K <= best * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("c,a", [(3.0, 0.5), (10.0, -0.3), (1.0, 0.9)])
