@@ -18,10 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/featurize.py would shadow the featurize package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 OLD_COMMIT = "669120f"  # main before the Kreiss fix
 
 
