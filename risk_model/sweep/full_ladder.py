@@ -51,7 +51,7 @@ import math
 import time
 from dataclasses import asdict, replace
 
-from .ladder import model_id, parse_ladder_spec
+from .ladder import build_and_profile, model_id, parse_ladder_spec
 from .spec import RunConfig, SweepSpecError, horizon_steps
 
 _TOP = {"name", "kind", "ladder", "stage"}
@@ -194,20 +194,14 @@ def train_full_ladder(unit: dict, device: str = "cpu") -> tuple[list[dict], "pd.
     import pandas as pd
     import torch
 
-    from .archs import build_network
     from .spec import config_id, run_id
-    from .trainer import horizon_rows, init_profile, make_run_task, train, versions
+    from .trainer import horizon_rows, make_run_task, train, versions
 
     t0 = time.perf_counter()
     cfg0 = RunConfig(**unit["config"])
     mid = model_id(cfg0)
     rungs = list(unit["rungs"])
-    torch.manual_seed(cfg0.seed)
-    model0 = build_network(cfg0.model_args())
-    n_params = sum(p.numel() for p in model0.parameters())
-    tp = time.perf_counter()
-    aggs, layers, profile_error = init_profile(model0, cfg0)
-    profile_seconds = time.perf_counter() - tp
+    model0, n_params, aggs, layers, profile_error, profile_seconds = build_and_profile(cfg0)
     model0.to(device)
     rows: list[dict] = []
 

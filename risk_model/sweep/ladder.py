@@ -273,6 +273,22 @@ def walk(first: int, n_rungs: int, min_runs: int, outcome) -> list[int]:
     return list(done)
 
 
+def build_and_profile(cfg: RunConfig):
+    """The model of ``cfg`` at its initial weights (seeded by ``cfg.seed``) and its init profile:
+    ``(model, n_params, aggregates, layers table or None, profile error, profile seconds)``."""
+    import torch
+
+    from .archs import build_network
+    from .trainer import init_profile
+
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.model_args())
+    n_params = sum(p.numel() for p in model.parameters())
+    tp = time.perf_counter()
+    aggs, layers, profile_error = init_profile(model, cfg)
+    return model, n_params, aggs, layers, profile_error, time.perf_counter() - tp
+
+
 def train_ladder(unit: dict) -> tuple[list[dict], "pd.DataFrame"]:
     """Build and profile one model, then train its ladder. Returns ``(rows, layers)``: one corpus
     row per run (with the model's boundary) and the per-layer init profile keyed by ``model_id``."""
@@ -280,20 +296,14 @@ def train_ladder(unit: dict) -> tuple[list[dict], "pd.DataFrame"]:
     import pandas as pd
     import torch
 
-    from .archs import build_network
     from .spec import config_id, run_id
-    from .trainer import init_profile, make_run_task, run_labels, train, versions
+    from .trainer import make_run_task, run_labels, train, versions
 
     t0 = time.perf_counter()
     cfg0 = RunConfig(**unit["config"])
     mid = model_id(cfg0)
     rungs = list(unit["rungs"])
-    torch.manual_seed(cfg0.seed)
-    model0 = build_network(cfg0.model_args())
-    n_params = sum(p.numel() for p in model0.parameters())
-    tp = time.perf_counter()
-    aggs, layers, profile_error = init_profile(model0, cfg0)
-    profile_seconds = time.perf_counter() - tp
+    model0, n_params, aggs, layers, profile_error, profile_seconds = build_and_profile(cfg0)
 
     rows: list[dict] = []
 
