@@ -251,6 +251,15 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+def declared_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The per-example input shape a model declares as ``model.input_shape``, or None."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, (tuple, list)) and shape and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        return tuple(shape)
+    return None
+
+
 def make_probe(
     model: nn.Module,
     n_samples: int = 2048,
@@ -262,8 +271,10 @@ def make_probe(
     """Probe inputs for one forward pass, seeded.
 
     Token ids uniform over the vocabulary of the model's first ``nn.Embedding`` when it has one,
-    otherwise standard Gaussian inputs of ``input_shape`` (per example, without the batch axis).
-    Enough examples are drawn to hold ``n_samples`` token states.
+    otherwise standard Gaussian inputs of ``input_shape`` (per example, without the batch axis),
+    which defaults to the shape the model declares in an ``input_shape`` attribute (a tuple of
+    positive ints, as the zoo's vision transformer does). Enough examples are drawn to hold
+    ``n_samples`` token states.
 
     Returns
     -------
@@ -276,6 +287,8 @@ def make_probe(
         T = seq_len or min(64, ctx) if ctx else (seq_len or 64)
         B = math.ceil(n_samples / T)
         return torch.randint(0, emb.num_embeddings, (B, T), generator=gen)
+    if input_shape is None:
+        input_shape = declared_input_shape(model)
     if input_shape is None:
         raise CaptureError(
             f"{type(model).__name__} has no nn.Embedding: give the input shape (--input-shape) "
@@ -391,6 +404,32 @@ def collect_snapshots(
                                    batch_size=batch_size, progress=progress)[0]
 
 
+@torch.no_grad()
+def _measured_states_per_example(model: nn.Module, first_block: nn.Module, example: torch.Tensor,
+                                 device) -> int | None:
+    """Token states the first block sees for one example (B = 1), from a forward pass stopped
+    there; None when the pass fails (the capture then reports it)."""
+    seen: list[int] = []
+
+    def hook(module, args, kwargs, output):
+        x, _ = _block_io(args, kwargs, output)
+        if x is not None:
+            seen.append(int(x.reshape(-1, x.shape[-1]).shape[0]))
+        raise _StopForward
+
+    handle = first_block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model(example.to(device))
+    except _StopForward:
+        pass
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return None
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
 def _states_per_example(inputs: torch.Tensor) -> int:
     """Token states one example of ``inputs`` gives: T for token ids (B, T) or features
     (B, T, d_in), 1 for feature vectors (B, d_in)."""
@@ -436,7 +475,18 @@ def collect_snapshots_seeds(
     if not shared and any(p.shape[1:] != probes[0].shape[1:] or p.dtype != probes[0].dtype for p in probes):
         raise ValueError("the probes of one pass need one per-example shape and dtype")
     inputs = probes[0] if shared else torch.cat(probes)  # (sum B, T, ...)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # probe goes where the model is
     tokens_per_example = _states_per_example(inputs)
+    if inputs.is_floating_point() and inputs.ndim >= 3:
+        # feature inputs (B, *shape): the tokens per example are the model's (a ViT cuts an 8×8
+        # image into 16 patches); token ids (B, T) give T states each, as assumed
+        was_training = model.training
+        model.eval()
+        try:
+            tokens_per_example = _measured_states_per_example(model, mods[0], inputs[:1], device) \
+                or tokens_per_example
+        finally:
+            model.train(was_training)
     chosen = []  # per seed: sorted indices into the flat token states of `inputs`
     offset = 0
     for probe, seed in zip(probes, seeds):
@@ -465,7 +515,6 @@ def collect_snapshots_seeds(
 
         return hook
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # probe goes where the model is
     handles = [m.register_forward_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(mods)]
     was_training = model.training
     model.eval()

@@ -2,6 +2,10 @@
 
 Families (a run's ``family`` names its architecture class)
     gpt, moe, kan : our zoo decoder (``zoo.TransformerLM``) with its six norm placements
+    vit           : our zoo vision transformer (``zoo.VisionTransformer``): the GPT blocks with
+                    bidirectional attention over 2×2 patches of 8×8 images, six norm placements;
+                    the one image family (``IMAGE_FAMILIES``, not in ``FAMILIES``, the language
+                    models), trained on the ``digits`` task only                   [corpus-v3]
     mamba         : a Mamba-style selective state-space LM of our own, plain torch (``MambaLM``)
     hf_gpt2       : ``transformers.GPT2LMHeadModel`` from a ``GPT2Config`` (learned positions,
                     pre-LN, GELU MLP, tied head)
@@ -38,14 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from risk_model.zoo import FAMILIES as ZOO_FAMILIES
+from risk_model.zoo import IMAGE_FAMILIES
 from risk_model.zoo import MODEL_ARG_NAMES as ZOO_ARG_NAMES
 from risk_model.zoo import NORMS, RMSNorm, build_model as build_zoo_model
 
 HF_FAMILIES = ("hf_gpt2", "hf_llama", "hf_neox", "hf_gptj", "hf_bloom", "hf_qwen3", "hf_gemma", "hf_phi")
-FAMILIES = ZOO_FAMILIES + ("mamba",) + HF_FAMILIES
+FAMILIES = ZOO_FAMILIES + ("mamba",) + HF_FAMILIES   # the language-model families
 # norm placements each family can take (the HF families have their own, fixed one)
 FAMILY_NORMS = {
-    **{f: NORMS for f in ZOO_FAMILIES},
+    **{f: NORMS for f in ZOO_FAMILIES + IMAGE_FAMILIES},
     "mamba": ("rmsnorm", "pre_ln", "none"),
     "hf_gpt2": ("pre_ln",),
     "hf_llama": ("rmsnorm",),
@@ -266,10 +271,11 @@ def build_network(arch: dict) -> nn.Module:
 
     ``arch`` holds the zoo's ``TransformerConfig`` fields plus ``init_std``/``embed_std``/
     ``out_std``; keys a family does not use are ignored. The network maps token ids (B, T) to
-    logits (B, T, V) (Hugging Face models return an output object with ``.logits``).
+    logits (B, T, V) (Hugging Face models return an output object with ``.logits``); an image
+    family maps images (B, H, W) to class logits (B, n_classes).
     """
     family = arch.get("family", "gpt")
-    if family in ZOO_FAMILIES:
+    if family in ZOO_FAMILIES or family in IMAGE_FAMILIES:
         return build_zoo_model({k: v for k, v in arch.items() if k in ZOO_ARG_NAMES})
     if family == "mamba":
         names = {f.name for f in fields(MambaConfig)}
@@ -278,7 +284,7 @@ def build_network(arch: dict) -> nn.Module:
         return MambaLM(MambaConfig(**args))
     if family in HF_FAMILIES:
         return _hf_model(family, arch)
-    raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    raise ValueError(f"family must be one of {', '.join(FAMILIES + IMAGE_FAMILIES)}, got {family!r}")
 
 
 def logits_of(output) -> torch.Tensor:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .archs import ARCH_ARG_NAMES, FAMILIES, FAMILY_NORMS, HF_FAMILIES
-from .tasks import TASKS
+from .archs import ARCH_ARG_NAMES, FAMILIES, FAMILY_NORMS, HF_FAMILIES, IMAGE_FAMILIES
+from .tasks import IMAGE_TASKS, TASKS, check_task_data, digits_heldout_size
 from risk_model.zoo import NORMS
 
 OPTIMIZERS = ("adamw", "lion", "sgd")
@@ -114,7 +114,7 @@ SCHEDULES = ("constant", "cosine")
 RUN_FIELDS = {f.name: f.type for f in fields(RunConfig)}
 _INT = {k for k, t in RUN_FIELDS.items() if t == "int"}
 _FLOAT = {k for k, t in RUN_FIELDS.items() if t == "float"}
-_CHOICES = {"family": FAMILIES, "norm": NORMS, "task": TASKS, "optimizer": OPTIMIZERS,
+_CHOICES = {"family": FAMILIES + IMAGE_FAMILIES, "norm": NORMS, "task": TASKS, "optimizer": OPTIMIZERS,
             "schedule": SCHEDULES}
 
 
@@ -205,6 +205,13 @@ def _cross_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("profile_samples", cfg.profile_samples >= 2, "must be >= 2"),
         ("accum", cfg.batch_size % cfg.accum == 0, f"must divide batch_size={cfg.batch_size}"),
         ("vocab_size", cfg.task != "text_bytes" or cfg.vocab_size == 256, "must be 256 for text_bytes"),
+        # image families train on image tasks only, and image tasks need an image family
+        ("task", cfg.family not in IMAGE_FAMILIES or cfg.task in IMAGE_TASKS,
+         f"must be one of {', '.join(IMAGE_TASKS)} for family {cfg.family}"),
+        ("family", cfg.task not in IMAGE_TASKS or cfg.family in IMAGE_FAMILIES,
+         f"must be one of {', '.join(IMAGE_FAMILIES)} for task {cfg.task}"),
+        ("eval_batches", cfg.task != "digits" or cfg.eval_batches * cfg.batch_size <= digits_heldout_size(),
+         f"× batch_size={cfg.batch_size} must be at most the {digits_heldout_size()} held-out digits images"),
         ("horizons", all(h < cfg.steps for h in horizon_steps(cfg.horizons)),
          f"must all be below steps={cfg.steps}"),
         ("horizons", not cfg.horizons or cfg.schedule == "constant",
@@ -224,6 +231,11 @@ def make_config(**kwargs) -> RunConfig:
     cfg = RunConfig(**{k: _coerce(k, v) for k, v in kwargs.items()})
     _raise_first(cfg, _single_checks(cfg))
     _raise_first(cfg, _cross_checks(cfg))
+    if cfg.task in ("text_bytes",) + IMAGE_TASKS:   # missing or changed data: said before any run
+        try:
+            check_task_data(cfg.task)
+        except ValueError as e:
+            raise SweepSpecError(str(e)) from None
     return cfg
 
 

@@ -26,11 +26,23 @@ text_bytes (corpus-v3, ours)
     training split. ``marginal_loss`` = the entropy (nats) of the byte unigram distribution of the
     training split (the best context-free predictor); vocab 256.
 
+digits (corpus-v3, ours)
+    Image classification for the image family (``vit``) on scikit-learn's handwritten digits,
+    which ship with scikit-learn, so every machine has them without a download: the file
+    ``sklearn/datasets/data/digits.csv.gz`` that ``sklearn.datasets.load_digits`` reads (57,523
+    bytes, sha256 ``DIGITS_SHA256``; a missing or changed file is refused, naming it), 1797 images
+    of 8×8 pixels with values 0–16, scaled to [0, 1] (÷ 16), and their labels 0–9. The file's
+    first 80% of the images (1437) are the training split, the last 20% (360) the held-out split
+    (a fixed split, the same for every seed). Batches are ``(images (B, 8, 8) float32, labels
+    (B,))`` drawn with replacement from the training split; the loss is the cross-entropy of the
+    class logits (B, 10). ``marginal_loss`` = the entropy (nats) of the training split's label
+    frequencies (≈ ln 10: the best predictor that ignores the image); ``uniform_loss`` = ln 10.
+
 Data: ``n_train`` sequences generated once from the run seed (numpy ``default_rng``), batches drawn
 from them with a second stream of the same seed, so a run is fully reproducible (text_bytes: the
 windows are drawn by that stream). Every task also has a fixed held-out set (``eval_set``): fresh
 sequences from a separate stream of the seed (``default_rng([seed, 1])``), or for text_bytes
-windows of the held-out split at evenly spaced offsets. It does not depend on the training stream,
+windows of the held-out split at evenly spaced offsets, for digits the held-out images in order. It does not depend on the training stream,
 so a run evaluated after h steps and a separate h-step run see the same held-out batches.
 """
 from __future__ import annotations
@@ -43,11 +55,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TASKS = ("assoc_recall", "synthetic_lm", "text_bytes")
+TASKS = ("assoc_recall", "synthetic_lm", "text_bytes", "digits")
+#: the image tasks, for the image families only (``archs.IMAGE_FAMILIES``)
+IMAGE_TASKS = ("digits",)
 #: sha256 of the text_bytes corpus (pydoc_data.topics of Python 3.11.7)
 TEXT_SHA256 = "2a95af4ac93f5b719944030ce3769070ddf827d847cba42192afa8da989e5dc4"
 TEXT_NAME = "pydoc_data.topics.topics (CPython 3.11.7 help topics), sorted keys, newline-joined, UTF-8"
 TEXT_TRAIN_FRACTION = 0.9
+#: sha256 of sklearn/datasets/data/digits.csv.gz (scikit-learn 1.9.1; the file dates from 2011)
+DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+DIGITS_HELDOUT_FRACTION = 0.2
+DIGITS_CLASSES = 10
+DIGITS_IMAGES = 1797    # images in the recorded file
 RESERVED = 4  # token ids 0..3 are kept free for special tokens
 
 
@@ -100,14 +119,65 @@ def text_bytes() -> np.ndarray:
     is not the one recorded (``TEXT_SHA256``)."""
     import hashlib
 
-    from pydoc_data.topics import topics
-
+    try:
+        import pydoc_data.topics as mod
+    except ImportError:
+        raise ValueError("text_bytes: this Python has no pydoc_data/topics.py (the text of the task) "
+                         "to read") from None
+    topics = mod.topics
     raw = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
     digest = hashlib.sha256(raw).hexdigest()
     if digest != TEXT_SHA256:
-        raise ValueError(f"text_bytes: this Python's pydoc_data.topics has sha256 {digest}, "
+        raise ValueError(f"text_bytes: {mod.__file__} gives text with sha256 {digest}, "
                          f"not the recorded {TEXT_SHA256} (another Python version?)")
     return np.frombuffer(raw, dtype=np.uint8)
+
+
+def digits_file():
+    """Path of the digits data file inside the installed scikit-learn (it may be missing)."""
+    from pathlib import Path
+
+    import sklearn.datasets
+
+    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+
+
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """``(images (1797, 8, 8) float32 in [0, 1], labels (1797,) int64)`` read from ``digits_file()``;
+    ValueError naming the file if it is missing, unreadable or not the one recorded
+    (``DIGITS_SHA256``)."""
+    return _digits_arrays(str(digits_file()))
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    import gzip
+    import hashlib
+    import io
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise ValueError(f"digits: cannot read the data file {path}: {e.strerror or e}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != DIGITS_SHA256:
+        raise ValueError(f"digits: the data file {path} has sha256 {digest}, not the recorded "
+                         f"{DIGITS_SHA256} (changed, or another scikit-learn?)")
+    data = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",")   # (1797, 65)
+    images = (data[:, :-1] / 16.0).astype(np.float32).reshape(-1, 8, 8)   # (n, 8, 8)
+    labels = data[:, -1].astype(np.int64)                                 # (n,)
+    images.flags.writeable = labels.flags.writeable = False               # shared by the cache
+    return images, labels
+
+
+def check_task_data(name: str) -> None:
+    """Refuse, before any run, a task whose data file is missing or changed (ValueError, one
+    line naming the file); nothing to check for the generated tasks."""
+    if name == "text_bytes":
+        text_bytes()
+    elif name == "digits":
+        digits_data()
 
 
 def unigram_entropy(data: np.ndarray, vocab_size: int = 256) -> float:
@@ -152,6 +222,50 @@ class TextTask:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+class DigitsTask:
+    """digits: random training images, the fixed held-out split (module doc)."""
+
+    name = "digits"
+
+    def __init__(self, seed: int, batch_size: int):
+        images, labels = digits_data()                                   # (n, 8, 8), (n,)
+        cut = _digits_cut(len(labels))
+        self.train_x = torch.from_numpy(images[:cut].copy())             # (n_train, 8, 8)
+        self.train_y = torch.from_numpy(labels[:cut].copy())             # (n_train,)
+        self.heldout_x = torch.from_numpy(images[cut:].copy())           # (n_heldout, 8, 8)
+        self.heldout_y = torch.from_numpy(labels[cut:].copy())           # (n_heldout,)
+        self.batch_size, self.seed = batch_size, seed
+        self.marginal_loss = unigram_entropy(labels[:cut], DIGITS_CLASSES)
+        self.uniform_loss = math.log(DIGITS_CLASSES)
+        self._gen = torch.Generator().manual_seed(seed + 1)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images (B, 8, 8), labels (B,))`` drawn with replacement from the training split."""
+        idx = torch.randint(0, len(self.train_y), (self.batch_size,), generator=self._gen)  # (B,)
+        return self.train_x[idx], self.train_y[idx]
+
+    def eval_set(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n_batches`` batches of the held-out split, in file order."""
+        n = n_batches * self.batch_size
+        if n > len(self.heldout_y):
+            raise ValueError(f"digits holds {len(self.heldout_y)} held-out images, {n} asked for")
+        return [(self.heldout_x[i:i + self.batch_size], self.heldout_y[i:i + self.batch_size])
+                for i in range(0, n, self.batch_size)]
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)   # logits (B, C), targets (B,)
+
+
+def _digits_cut(n: int) -> int:
+    """Training images of ``n``: the first 80% (1437 of 1797), the rest held out."""
+    return int((1 - DIGITS_HELDOUT_FRACTION) * n)
+
+
+def digits_heldout_size() -> int:
+    """Images in the digits held-out split (of the recorded file, without reading it): 360."""
+    return DIGITS_IMAGES - _digits_cut(DIGITS_IMAGES)
+
+
 @dataclass
 class Task:
     """A generated training set and its loss. Build with ``make_task``."""
@@ -191,9 +305,12 @@ class Task:
 def make_task(
     name: str, *, seed: int, seq_len: int = 64, vocab_size: int = 256, batch_size: int = 16,
     n_train: int = 2048, n_pairs: int = 4, n_eval: int = 0,
-) -> Task | TextTask:
+) -> Task | TextTask | DigitsTask:
     """Generate ``n_train`` examples of task ``name`` deterministically from ``seed`` (and, with
-    ``n_eval``, that many held-out examples from a separate stream)."""
+    ``n_eval``, that many held-out examples from a separate stream). ``digits`` reads its data
+    file and ignores ``seq_len``, ``vocab_size``, ``n_train`` and ``n_eval``."""
+    if name == "digits":
+        return DigitsTask(seed=seed, batch_size=batch_size)
     if name == "text_bytes":
         if vocab_size != 256:
             raise ValueError(f"text_bytes needs vocab_size 256, got {vocab_size}")
