@@ -58,6 +58,23 @@ def test_vit_checkpoint_round_trip_and_profile_from_declared_shape(tmp_path):
     assert len(prof.layers) == 2 and np.isfinite(prof.layers["m_exp"]).all()
 
 
+def test_capture_counts_the_vits_16_patch_tokens_per_image():
+    from featurize.capture import collect_snapshots, make_probe
+
+    torch.manual_seed(2)
+    model = build_model(TINY)
+    probe = make_probe(model, 64, seed=0)               # from the declared input shape
+    assert probe.shape[1:] == (8, 8) and probe.dtype == torch.float32
+    four = probe[:4]                                     # 4 images x 16 patches = 64 token states
+    snaps = collect_snapshots(model, four, n_samples=64, seed=0)
+    assert [x.shape for x in snaps.X] == [(32, 64), (32, 64)]
+    # every token state of the 4 images is taken once: the block inputs are exactly these
+    with torch.no_grad():
+        h = model.patch_embed(model.patches(four)) + model.pos_embed      # (4, 16, 32)
+    want = h.reshape(-1, 32).double().numpy()
+    assert np.allclose(np.sort(snaps.X[0].T, axis=0), np.sort(want, axis=0), atol=1e-6)
+
+
 def _entropy_nats(labels: np.ndarray) -> float:
     p = np.unique(labels, return_counts=True)[1] / len(labels)
     return float(-(p * np.log(p)).sum())
@@ -103,6 +120,34 @@ def test_digits_data_file_changed_or_missing_is_one_line_naming_the_file(tmp_pat
     monkeypatch.setattr(tasks, "digits_file", lambda: missing)
     with pytest.raises(ValueError, match=str(missing)):
         tasks.digits_data()
+    # `risk sweep` with a vit stage: one line on stderr naming the file, exit 1, nothing written
+    from risk_model.cli import app
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(VIT_SPEC)
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and not (tmp_path / "out").exists()
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and str(missing) in res.stderr
+
+
+VIT_SPEC = """
+name = "vit-check"
+kind = "full_ladder"
+[ladder]
+adamw = [1e-3, 1e-2]
+[[stage]]
+name = "classes-vit"
+n_models = 1
+[stage.model]
+family = "vit"
+d_model = 16
+n_layers = 1
+n_heads = 2
+[stage.train]
+task = "digits"
+steps = 10
+eval_batches = 1
+"""
 
 
 def test_spec_rejects_other_families_and_tasks_naming_the_key():
@@ -156,3 +201,18 @@ def test_risk_predict_on_a_saved_vit_checkpoint(tmp_path):
     bad = runner.invoke(app, ["predict", str(ckpt), "--json", "--probe-seeds", "1", "--input-shape", "4,4"])
     assert bad.exit_code == 1
     assert len(bad.stderr.strip().splitlines()) == 1 and "--input-shape" in bad.stderr
+
+
+def test_a_vit_stage_runs_through_the_full_ladder_sweep(tmp_path):
+    from risk_model.sweep.runner import load_corpus, run_sweep
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(VIT_SPEC.replace("n_heads = 2", 'n_heads = 2\nprofile_samples = 128\nkreiss_grid = "11x4"'))
+    summary = run_sweep(spec, tmp_path / "out", progress=False)
+    assert summary["failed"] == 0 and summary["ran"] >= 2
+    runs, layers = load_corpus(tmp_path / "out")
+    assert set(runs["family"]) == {"vit"} and set(runs["task"]) == {"digits"}
+    assert (runs["profile_error"] == "").all() and len(layers) == 1       # one block profiled
+    assert runs["failed"].notna().all() and runs["final_eval_loss"].notna().all()
+    assert runs["marginal_loss"].iloc[0] == pytest.approx(tasks.make_task("digits", seed=0).marginal_loss)
+    assert run_sweep(spec, tmp_path / "out", progress=False)["ran"] == 0   # resumed: nothing redone

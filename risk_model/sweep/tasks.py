@@ -42,8 +42,9 @@ Data: ``n_train`` sequences generated once from the run seed (numpy ``default_rn
 from them with a second stream of the same seed, so a run is fully reproducible (text_bytes: the
 windows are drawn by that stream). Every task also has a fixed held-out set (``eval_set``): fresh
 sequences from a separate stream of the seed (``default_rng([seed, 1])``), or for text_bytes
-windows of the held-out split at evenly spaced offsets, for digits the held-out images in order. It does not depend on the training stream,
-so a run evaluated after h steps and a separate h-step run see the same held-out batches.
+windows of the held-out split at evenly spaced offsets, for digits the held-out images in order.
+It does not depend on the training stream, so a run evaluated after h steps and a separate h-step
+run see the same held-out batches.
 """
 from __future__ import annotations
 

@@ -7,11 +7,12 @@ Labels
         ``grad_norm``. Training stops there.
     dead_at_init : diverged at step 1, i.e. the loss or gradient norm of the *initial* weights is
         already over the limits (no update has happened: the learning rate cannot matter).
-        ``init_loss`` is that first loss, ``init_loss_ratio`` its ratio to ln(vocab size).
+        ``init_loss`` is that first loss, ``init_loss_ratio`` its ratio to ln(vocab size)
+        (ln 10 for the digits classes).
     collapsed : the run did not diverge but ended untrained: its final loss (mean task loss over
         the last 10 steps) is at least 95% of the task's ``marginal_loss``, the cross-entropy of
         the best context-free predictor (ln(V−4) for synthetic LM, ln(V/2) for associative
-        recall). **(ours)**
+        recall, the entropy of the training labels for digits). **(ours)**
 
 Baselines (paper Table 2)
     grad_norm_step1 (= grad_norm_init: the gradient norm at the initial weights, before any
