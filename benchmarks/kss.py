@@ -1,25 +1,41 @@
-"""Reproduce the paper's KSS results (Sec. 5.3) on CPU-sized zoo models; writes results/kss.json.
+"""KSS dose–response: does the paper's spectral penalty (Sec. 5.3) lower failure rates? Writes results/kss.json.
 
-Three measurements, each on the sweep trainer (``risk_model.sweep.trainer.train_run``, divergence =
-loss > 50 or grad norm > 500), synthetic LM, AdamW, 50 warmup steps, 200 steps, seq 32:
+Two settings, each with six arms α ∈ ``ALPHAS`` (α = 0 is plain training; ``kss_every`` = 10, the other
+``KoopmanSpectralShaping`` arguments its defaults, recorded in the output), the same seeds in every arm:
 
-1. No-Norm at a high learning rate: divergence rate without and with KSS on the same 24 configs
-   (d = 64, L = 4, lr ∈ {1.5e-2, 2e-2}, 12 seeds each). Paper: 66.7% → 12.5%. A control arm
-   runs the same machinery at α = 1e-4 (lr 1.5e-2 only) to measure how much any perturbation of
-   these chaotic trajectories changes which seeds diverge.
-2. Largest stable learning rate without and with KSS for pre_ln, rmsnorm and none: an ascending
-   √2-spaced grid, 3 seeds per rate; a rate is stable when no seed diverges, and the scan stops at
-   the first unstable rate. Paper: +50% to +150%.
-3. Wall-time overhead of KSS per training step (the trainer's loop, timed directly, KSS and
-   plain steps interleaved in rounds so that load from other processes hits both alike).
-   Paper: 8–12%.
+A. The paper's setting: GPT-style d = 64, L = 4, **no normalisation**, synthetic LM, AdamW, 50 warmup
+   steps, 200 steps, seq 32, batch 16, at one high learning rate. The LR is picked by a pilot at α = 0
+   on seeds of their own (``PILOT_SEEDS``, not used in the arms): of ``PILOT_LRS``, the one whose
+   divergence rate is closest to 7/12 (the brief: "about half to two thirds"). Label: the paper's
+   ``diverged`` (loss > 50 or gradient norm > 500 at some step; the trainer's label).
+B. A normed class at its ``lr_fail``, on our ``failed`` label (``risk_model.labels``): the same model
+   with Pre-LN, 200 steps, 4 held-out batches (the final eval loss). First a half-decade ladder at
+   α = 0, seed 0 (``LADDER``); ``ladder_summary`` gives its best final eval loss B, best LR and
+   ``lr_fail_min``. Then the arms at that ``lr_fail_min``, on seeds 1…24 (seed 0 failed there by
+   construction, so it is left out); each run is labelled ``failed(diverged, lr, final_eval_loss,
+   lr_best, B, R)`` with B and lr_best of the seed-0 ladder and R the task's marginal loss.
 
-KSS runs use ``KSS`` below (α and every pass through the trainer's ``kss_alpha``/``kss_every``;
-rank, centring and the gradient bound are the ``KoopmanSpectralShaping`` defaults, recorded in the
-output). The trainer's init profile is skipped here (it is not used and costs more than the
-training itself at this size).
+Per arm: runs, failures, rate with a 95% Wilson interval, and against α = 0 the two-sided Fisher exact
+p-value and sample odds ratio (``scipy.stats.fisher_exact``; the arms are analysed as independent
+samples), the rate difference with Newcombe's hybrid-score 95% interval (Newcombe 1998, method 10),
+and, because the seeds are paired, the discordant seed counts with an exact McNemar p-value (two-sided
+binomial test on the discordant pairs). No correction for the five comparisons per setting is applied
+to the p-values; with Bonferroni the threshold would be 0.01.
 
-Run: ``python benchmarks/kss.py --jobs 3`` (about 20 CPU-minutes, 8–10 wall-minutes); ``--quick`` for a smoke run.
+Also the wall-time overhead of KSS per training step at α = 0.15 (trainer's loop timed directly, KSS
+and plain steps interleaved in rounds so that load from other processes hits both alike).
+
+The earlier single-arm benchmark (α = 0.15 at lr 1.5e-2 and 2e-2, and its largest-stable-LR scans) is
+not rerun; its numbers are carried over under ``earlier_run``, and its top-level ``no_kss``/``kss``/
+``overhead_pct`` keys stay, because ``serve.KSS_EFFECT`` serves them (tests/test_predictor.py).
+
+Run: ``python benchmarks/kss.py`` (about 27 CPU-minutes, one process; ``--jobs N`` runs N in
+parallel); ``--quick`` for a smoke run (a few short runs, two arms). ``--add-a-lr LR`` / ``--add-b-lr
+LR`` (with ``--alphas``) run one more learning rate of setting A or B and add it to the stored result.
+The committed result is ``python benchmarks/kss.py``, then ``--add-a-lr 1.6e-2`` (the pilot's pick,
+1.7e-2, diverged in 19/24 seeds at α = 0, above the half-to-two-thirds aim; 9 CPU-minutes), then
+``--add-b-lr 2e-2 --alphas 0,0.15,1.5`` (at B's lr_fail every run of every arm failed; 2e-2 lies
+between lr_fail_lo and lr_fail; 8 CPU-minutes). Both were added after seeing the first run.
 """
 from __future__ import annotations
 
@@ -27,6 +43,8 @@ import argparse
 import inspect
 import json
 import math
+import resource
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -38,9 +56,12 @@ sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from featurize.shaping import KoopmanSpectralShaping  # noqa: E402
+from risk_model.labels import failed, ladder_summary  # noqa: E402
 from risk_model.sweep import trainer  # noqa: E402
+from risk_model.sweep.archs import build_network  # noqa: E402
 from risk_model.sweep.spec import RunConfig  # noqa: E402
 from risk_model.sweep.tasks import make_task  # noqa: E402
 from risk_model.zoo import build_model  # noqa: E402
@@ -48,79 +69,176 @@ from risk_model.zoo import build_model  # noqa: E402
 OUT = Path(__file__).parent / "results" / "kss.json"
 BASE = RunConfig(norm="none", d_model=64, n_layers=4, n_heads=4, seq_len=32, batch_size=16,
                  steps=200, warmup=50, optimizer="adamw", task="synthetic_lm")
-KSS = dict(kss_alpha=0.15, kss_every=10)
-# Control arm: the same hooks and penalty at a negligible weight. At these learning rates a run's
-# fate is chaotic, and any perturbation of the trajectory changes which seeds diverge; the control
-# measures that effect (at lr 1.5e-2 only: at 2e-2 every run diverged in pilots, with or without).
-KSS_CONTROL = dict(kss_alpha=1e-4, kss_every=10)
-CONTROL_LRS = (1.5e-2,)
-HIGH_LRS = (1.5e-2, 2e-2)
-LR_GRID = [5e-3 * math.sqrt(2) ** k for k in range(24)]  # 5e-3 … ≈ 14
-# Scans start about two grid steps below the largest stable rate of an earlier full scan without
-# KSS (none 1.41e-2, pre_ln 0.453, rmsnorm 0.905, all smaller rates stable), to keep the benchmark
-# within ~20 CPU-minutes. A max_stable of None means "unstable already at the scan's first rate".
-LR_START = {"none": 7e-3, "pre_ln": 0.22, "rmsnorm": 0.45}
+BASE_B = replace(BASE, norm="pre_ln", eval_batches=4)
+ALPHAS = (0.0, 0.01, 0.05, 0.15, 0.5, 1.5)
+EVERY = 10
+SEEDS_A = tuple(range(24))
+SEEDS_B = tuple(range(1, 25))
+PILOT_LRS = (1.5e-2, 1.7e-2, 1.9e-2)
+PILOT_SEEDS = tuple(range(100, 108))
+PILOT_TARGET = 7 / 12
+LADDER = tuple(10 ** (-3 + k / 2) for k in range(9))  # 1e-3, 3.16e-3, … 10
+OVERHEAD_ALPHA = 0.15
+
+# The earlier benchmark (commit 81fd7f8, same BASE, α = 0.15, every 10), carried over unchanged.
+EARLIER = {
+    "source": "benchmarks/kss.py before the dose-response rewrite (commit 81fd7f8); not rerun",
+    "no_norm_high_lr": {"alpha": 0.15, "lrs": [1.5e-2, 2e-2], "seeds_per_lr": 12,
+                        "no_kss": {"runs": 24, "diverged": 17}, "kss": {"runs": 24, "diverged": 16},
+                        "by_lr": {"0.015": {"no_kss": [5, 12], "kss": [4, 12], "kss_control_alpha_1e-4": [3, 12]},
+                                  "0.02": {"no_kss": [12, 12], "kss": [12, 12]}}},
+    "max_stable_lr": {"none": {"without": 0.01414, "with": 0.01414},
+                      "pre_ln": {"without": 0.4525, "with": 0.4525},
+                      "rmsnorm": {"without": 0.9051, "with": 0.9051},
+                      "how": "ascending sqrt(2) grid, 3 seeds per rate, stable = no seed diverged"},
+    "overhead_pct": 3.7,
+}
+
+
+# --------------------------------------------------------------------------------- statistics
+def wilson_ci(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (no continuity correction)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    z = stats.norm.ppf(0.5 + conf / 2)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def newcombe_diff_ci(k1: int, n1: int, k2: int, n2: int, conf: float = 0.95) -> tuple[float, float, float]:
+    """p1 − p2 with Newcombe's hybrid-score interval (Newcombe 1998, method 10): ``(diff, lo, hi)``."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_ci(k1, n1, conf)
+    l2, u2 = wilson_ci(k2, n2, conf)
+    d = p1 - p2
+    return (d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def compare_arm(fail_ref: list[bool], fail_arm: list[bool]) -> dict:
+    """One arm against the reference arm (α = 0), seeds in the same order in both."""
+    n0, k0, n1, k1 = len(fail_ref), sum(fail_ref), len(fail_arm), sum(fail_arm)
+    odds, p = stats.fisher_exact([[k1, n1 - k1], [k0, n0 - k0]], alternative="two-sided")
+    d, lo, hi = newcombe_diff_ci(k1, n1, k0, n0)
+    out = dict(fisher_p_two_sided=float(p),
+               odds_ratio=float(odds) if math.isfinite(odds) else ("inf" if odds > 0 else None),
+               diff_vs_alpha0=d, diff_ci95_newcombe=[lo, hi])
+    if n0 == n1:
+        only_ref = sum(a and not b for a, b in zip(fail_ref, fail_arm))
+        only_arm = sum(b and not a for a, b in zip(fail_ref, fail_arm))
+        m = only_ref + only_arm
+        out.update(discordant_failed_only_at_alpha0=only_ref, discordant_failed_only_in_arm=only_arm,
+                   mcnemar_exact_p=float(stats.binomtest(only_arm, m).pvalue) if m else 1.0)
+    return out
+
+
+def arm_table(arms: dict[float, list[bool]]) -> list[dict]:
+    ref = arms[0.0]
+    rows = []
+    for a, f in arms.items():
+        k, n = sum(f), len(f)
+        lo, hi = wilson_ci(k, n)
+        row = dict(alpha=a, runs=n, failed=k, rate=k / n, rate_ci95_wilson=[lo, hi])
+        if a != 0.0:
+            row.update(compare_arm(ref, f))
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------- training
+def run(cfg: RunConfig) -> dict:
+    """Train one run (no init profile: it is not used here and costs more than the training)."""
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.model_args())
+    task = trainer.make_run_task(cfg)
+    t0 = time.process_time()
+    res = trainer.train(model, cfg, task)
+    lab = trainer.run_labels(res, task)
+    ev = trainer.v3_labels(res, cfg.steps)["final_eval_loss"] if cfg.eval_batches else math.nan
+    return dict(lr=cfg.lr, seed=cfg.seed, kss_alpha=cfg.kss_alpha, diverged=bool(lab["diverged"]),
+                diverge_step=int(lab["diverge_step"]), diverge_reason=lab["diverge_reason"],
+                final_train_loss=round(float(lab["final_loss"]), 4),
+                final_eval_loss=round(float(ev), 4) if math.isfinite(ev) else None,
+                marginal_loss=float(lab["marginal_loss"]), cpu_seconds=round(time.process_time() - t0, 2))
+
+
 _POOL: ProcessPoolExecutor | None = None
-
-
-def _skip_profile(model, cfg):
-    return {}, None, "skipped in benchmarks/kss.py"
 
 
 def _init_worker() -> None:
     torch.set_num_threads(1)
-    trainer.init_profile = _skip_profile
 
 
 def run_all(cfgs: list[RunConfig]) -> list[dict]:
-    """``run`` over ``cfgs``, in the worker pool when there is one (results in order)."""
-    if _POOL is None:
-        return [run(c) for c in cfgs]
-    return list(_POOL.map(run, cfgs))
+    return list(_POOL.map(run, cfgs)) if _POOL is not None else [run(c) for c in cfgs]
 
 
-def run(cfg: RunConfig) -> dict:
-    row, _ = trainer.train_run(cfg)
-    return dict(lr=cfg.lr, seed=cfg.seed, kss_alpha=cfg.kss_alpha, kss_every=cfg.kss_every,
-                diverged=bool(row["diverged"]), diverge_step=int(row["diverge_step"]),
-                diverge_reason=row["diverge_reason"], collapsed=bool(row["collapsed"]),
-                final_loss=round(float(row["final_loss"]), 4), seconds=round(row["seconds"], 2))
+def pilot_lr(lrs, seeds, log) -> tuple[float, dict]:
+    rows = run_all([replace(BASE, lr=lr, seed=s) for lr in lrs for s in seeds])
+    rates = {}
+    for lr in lrs:
+        d = [r["diverged"] for r in rows if r["lr"] == lr]
+        rates[lr] = (sum(d), len(d))
+        log(f"pilot no-norm lr={lr:g}: {sum(d)}/{len(d)} diverged")
+    best = min(lrs, key=lambda lr: (abs(rates[lr][0] / rates[lr][1] - PILOT_TARGET), lr))
+    return best, {str(lr): dict(diverged=k, runs=n) for lr, (k, n) in rates.items()}
 
 
-def divergence_rate(seeds: int, log) -> dict:
-    configs = [replace(BASE, lr=lr, seed=s) for lr in HIGH_LRS for s in range(seeds)]
-    out = {}
-    for name, kss, lrs in (("no_kss", {}, HIGH_LRS), ("kss", KSS, HIGH_LRS),
-                           ("kss_control", KSS_CONTROL, CONTROL_LRS)):
-        rows = run_all([replace(c, **kss) for c in configs if c.lr in lrs])
-        out[name] = dict(runs=len(rows), diverged=sum(r["diverged"] for r in rows),
-                         collapsed=sum(r["collapsed"] for r in rows), details=rows)
-        log(f"no-norm high lr, {name}: {out[name]['diverged']}/{len(rows)} diverged")
+def setting_a(lr: float, alphas, seeds, log) -> dict:
+    rows = run_all([replace(BASE, lr=lr, seed=s, kss_alpha=a, kss_every=EVERY) for a in alphas for s in seeds])
+    arms = {a: [r["diverged"] for r in rows if r["kss_alpha"] == a] for a in alphas}
+    table = arm_table(arms)
+    for t in table:
+        log(f"A no-norm lr={lr:g} α={t['alpha']:g}: {t['failed']}/{t['runs']} diverged "
+            f"p={t.get('fisher_p_two_sided', float('nan')):.3g}")
+    return dict(lr=lr, label="diverged", seeds=list(seeds), arms=table, runs=rows)
+
+
+def setting_b(ladder, alphas, seeds, log) -> dict:
+    lad = run_all([replace(BASE_B, lr=lr, seed=0) for lr in ladder])
+    R = lad[0]["marginal_loss"]
+    fl = [r["final_eval_loss"] if r["final_eval_loss"] is not None else math.nan for r in lad]
+    s = ladder_summary([r["lr"] for r in lad], fl, [r["diverged"] for r in lad], R)
+    for r, f in zip(lad, s["failed"]):
+        r["failed"] = bool(f)
+        log(f"B ladder pre_ln lr={r['lr']:.3g}: eval {r['final_eval_loss']} diverged={r['diverged']} failed={f}")
+    summ = {k: v for k, v in s.items() if k != "failed"}
+    lr_fail = s["lr_fail_min"]
+    log(f"B ladder: B={s['best_loss']:.4f} lr_best={s['lr_best']:.3g} lr_fail={lr_fail:.3g} R={R:.4f}")
+    out = dict(label="failed", ladder=dict(seed=0, lrs=list(ladder), runs=lad, summary=summ),
+               marginal_loss_R=R, best_loss_B=s["best_loss"], lr_best=s["lr_best"], lr_fail=lr_fail,
+               seeds=list(seeds))
+    if not math.isfinite(lr_fail):
+        out["arms"] = []
+        return out
+    out.update(b_arms(lr_fail, alphas, seeds, s["lr_best"], s["best_loss"], R, log))
     return out
 
 
-def max_stable_lr(norm: str, kss: dict, seeds: int, log) -> dict:
-    grid = [lr for lr in LR_GRID if lr >= LR_START[norm] * (1 - 1e-9)]
-    best, scanned = None, []
-    for lr in grid:
-        rows = run_all([replace(BASE, norm=norm, lr=lr, seed=s, **kss) for s in range(seeds)])
-        n_div = sum(r["diverged"] for r in rows)
-        scanned.append(dict(lr=lr, runs=seeds, diverged=n_div,
-                            collapsed=sum(r["collapsed"] for r in rows)))
-        log(f"  {norm} kss={bool(kss)} lr={lr:.4g}: {n_div}/{seeds} diverged")
-        if n_div:
-            break
-        best = lr
-    return dict(max_stable=best, scanned=scanned)
+def b_arms(lr, alphas, seeds, lr_best, best_loss, R, log) -> dict:
+    """Setting B's arms at ``lr``, labelled ``failed`` with the ladder's ``lr_best``, B and R."""
+    rows = run_all([replace(BASE_B, lr=lr, seed=sd, kss_alpha=a, kss_every=EVERY) for a in alphas for sd in seeds])
+    for r in rows:
+        ev = r["final_eval_loss"] if r["final_eval_loss"] is not None else math.nan
+        r["failed"] = bool(failed(r["diverged"], r["lr"], ev, lr_best, best_loss, R))
+    arms = {a: [r["failed"] for r in rows if r["kss_alpha"] == a] for a in alphas}
+    table = arm_table(arms)
+    for t, a in zip(table, alphas):
+        t["diverged"] = sum(r["diverged"] for r in rows if r["kss_alpha"] == a)
+        t["mean_final_eval_loss"] = float(np.mean([r["final_eval_loss"] if r["final_eval_loss"] is not None
+                                                   else math.nan for r in rows if r["kss_alpha"] == a]))
+        log(f"B pre_ln lr={lr:.3g} α={a:g}: {t['failed']}/{t['runs']} failed ({t['diverged']} diverged) "
+            f"p={t.get('fisher_p_two_sided', float('nan')):.3g}")
+    return dict(arms=table, runs=rows)
 
 
 def overhead(rounds: int, steps_per_round: int) -> dict:
-    """Per-step wall time of the trainer's loop with and without KSS (``KSS``).
+    """Per-step wall time of the trainer's loop with and without KSS (α = ``OVERHEAD_ALPHA``).
 
-    Plain and KSS steps run in alternating rounds of ``steps_per_round`` (a multiple of 10, so each
-    KSS round holds the same share of penalty steps); each step is timed on its own, so the extra
-    cost of a step where the penalty applies is reported as well.
-    """
+    Plain and KSS steps run in alternating rounds of ``steps_per_round`` (a multiple of ``EVERY``, so
+    each KSS round holds the same share of penalty steps)."""
     cfg = replace(BASE, lr=1e-3)  # stable, so both runs take every step
     state = {}
     for name in ("plain", "kss"):
@@ -128,56 +246,99 @@ def overhead(rounds: int, steps_per_round: int) -> dict:
         model = build_model(cfg.model_args())
         task = make_task(cfg.task, seed=0, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
         opt = trainer.make_optimizer("adamw", model.parameters(), cfg.lr, 0.0)
-        kss = (KoopmanSpectralShaping(model, alpha=KSS["kss_alpha"], every=KSS["kss_every"])
-               if name == "kss" else None)
+        kss = KoopmanSpectralShaping(model, alpha=OVERHEAD_ALPHA, every=EVERY) if name == "kss" else None
         state[name] = (model, task, opt, kss)
 
-    def step(name) -> tuple[float, bool]:
+    def step(name) -> float:
         model, task, opt, kss = state[name]
-        active = kss is not None and kss.active
         t0 = time.perf_counter()
         x, y = task.batch()
         loss = task.loss(model(x), y)
         total = loss + kss.penalty() if kss is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
-                                              if p.grad is not None]))
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
         opt.step()
-        return time.perf_counter() - t0, active
+        return time.perf_counter() - t0
 
     for name in state:  # warm-up
         for _ in range(10):
             step(name)
     per_round = {"plain": [], "kss": []}
-    steps = {"plain": [], "kss_active": [], "kss_inactive": []}
     for _ in range(rounds):
         for name in state:
-            ts = [step(name) for _ in range(steps_per_round)]
-            per_round[name].append(sum(t for t, _ in ts) / steps_per_round)
-            for t, active in ts:
-                key = "plain" if name == "plain" else ("kss_active" if active else "kss_inactive")
-                steps[key].append(t)
+            per_round[name].append(sum(step(name) for _ in range(steps_per_round)) / steps_per_round)
+    state["kss"][3].remove()
     plain, with_kss = float(np.median(per_round["plain"])), float(np.median(per_round["kss"]))
-    med = {k: float(np.median(v)) for k, v in steps.items()}
-    return dict(
-        overhead_pct=round(100 * (with_kss / plain - 1), 1),
-        seconds_per_step=dict(plain=round(plain, 5), kss=round(with_kss, 5)),
-        median_step_seconds={k: round(v, 5) for k, v in med.items()},
-        penalty_step_extra_pct=round(100 * (med["kss_active"] / med["plain"] - 1), 1),
-        hook_only_step_extra_pct=round(100 * (med["kss_inactive"] / med["plain"] - 1), 1),
-        rounds=rounds, steps_per_round=steps_per_round,
-    )
+    return dict(overhead_pct=round(100 * (with_kss / plain - 1), 1), alpha=OVERHEAD_ALPHA, every=EVERY,
+                seconds_per_step=dict(plain=round(plain, 5), kss=round(with_kss, 5)),
+                rounds=rounds, steps_per_round=steps_per_round)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except OSError:
+        return ""
+
+
+def cpu_seconds() -> float:
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime, 1)
+
+
+def add_lr(args, log) -> None:
+    """One more learning rate for setting A or B, added to an existing result (``--add-a-lr``/``--add-b-lr``)."""
+    start = time.perf_counter()
+    result = json.loads(args.out.read_text())
+    alphas = (tuple(float(x) for x in args.alphas.split(",")) if args.alphas
+              else tuple(result["settings"]["alphas"]))
+    assert alphas[0] == 0.0, "the first arm must be alpha = 0 (the reference)"
+    if args.add_a_lr is not None:
+        lr, key = args.add_a_lr, "A_no_norm_diverged_extra_lrs"
+        seeds = tuple(result["dose_response"]["A_no_norm_diverged"]["seeds"])
+        out = setting_a(lr, alphas, seeds, log)
+    else:
+        lr, key = args.add_b_lr, "B_pre_ln_failed_extra_lrs"
+        b = result["dose_response"]["B_pre_ln_failed_at_lr_fail"]
+        seeds = tuple(b["seeds"])
+        out = dict(lr=lr, label="failed", seeds=list(seeds), labelled_with=dict(
+            lr_best=b["lr_best"], best_loss_B=b["best_loss_B"], marginal_loss_R=b["marginal_loss_R"],
+            source="the seed-0 alpha=0 ladder of B_pre_ln_failed_at_lr_fail"))
+        out.update(b_arms(lr, alphas, seeds, b["lr_best"], b["best_loss_B"], b["marginal_loss_R"], log))
+    if _POOL is not None:
+        _POOL.shutdown()
+    out.update(alphas=list(alphas), git_commit=git_commit(), cpu_seconds=cpu_seconds(),
+               wall_seconds=round(time.perf_counter() - start, 1))
+    result["dose_response"].setdefault(key, {})[f"{lr:g}"] = out
+    extra = [e for k in ("A_no_norm_diverged_extra_lrs", "B_pre_ln_failed_extra_lrs")
+             for e in result["dose_response"].get(k, {}).values()]
+    result["cpu_seconds_total"] = round(result["cpu_seconds"] + sum(e["cpu_seconds"] for e in extra), 1)
+    args.out.write_text(json.dumps(result, indent=1))
+    log(f"added lr {lr:g} to {args.out} under {key} (cpu {out['cpu_seconds']} s)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a few runs only (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="a few short runs, two arms (smoke test)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel (processes)")
+    ap.add_argument("--add-a-lr", type=float, default=None, metavar="LR",
+                    help="only run setting A at LR (all arms, same seeds) and add it to the existing --out file")
+    ap.add_argument("--add-b-lr", type=float, default=None, metavar="LR",
+                    help="only run setting B's arms at LR (labelled with the stored ladder's B, lr_best and R) "
+                         "and add them to the existing --out file")
+    ap.add_argument("--alphas", default=None, help="with --add-a-lr/--add-b-lr: the arms, e.g. 0,0.15,1.5 "
+                    "(default: those of the stored result)")
     args = ap.parse_args()
-    _init_worker()
-    global _POOL
+    torch.set_num_threads(1)
+    global _POOL, BASE, BASE_B
+    if args.quick:
+        BASE, BASE_B = replace(BASE, steps=30, warmup=5), replace(BASE_B, steps=30, warmup=5)
     if args.jobs > 1:
         _POOL = ProcessPoolExecutor(args.jobs, initializer=_init_worker)
     t0 = time.perf_counter()
@@ -185,68 +346,53 @@ def main() -> None:
     def log(msg):
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    seeds_high, seeds_grid = (2, 1) if args.quick else (12, 3)
-    div = divergence_rate(seeds_high, log)
-    t_div = time.perf_counter() - t0
-    norms = ("none",) if args.quick else ("none", "pre_ln", "rmsnorm")
-    lrs, scans = {}, {}
-    for norm in norms:
-        res = {"without": max_stable_lr(norm, {}, seeds_grid, log),
-               "with": max_stable_lr(norm, KSS, seeds_grid, log)}
-        lrs[norm] = {k: v["max_stable"] for k, v in res.items()}
-        w, k = lrs[norm]["without"], lrs[norm]["with"]
-        lrs[norm]["increase_pct"] = round(100 * (k / w - 1), 1) if w and k else None
-        scans[norm] = {k2: v["scanned"] for k2, v in res.items()}
-        log(f"max stable lr {norm}: {lrs[norm]}")
-    t_lr = time.perf_counter() - t0 - t_div
+    if args.add_a_lr is not None or args.add_b_lr is not None:
+        add_lr(args, log)
+        return
+
+    alphas = (0.0, 0.15) if args.quick else ALPHAS
+    seeds_a, seeds_b = (SEEDS_A[:2], SEEDS_B[:2]) if args.quick else (SEEDS_A, SEEDS_B)
+    pilot_lrs, pilot_seeds = (PILOT_LRS[:1], PILOT_SEEDS[:2]) if args.quick else (PILOT_LRS, PILOT_SEEDS)
+    ladder = LADDER[::3] if args.quick else LADDER
+
+    lr_a, pilot = pilot_lr(pilot_lrs, pilot_seeds, log)
+    a = setting_a(lr_a, alphas, seeds_a, log)
+    a["pilot"] = dict(lrs=list(pilot_lrs), seeds=list(pilot_seeds), target_rate=PILOT_TARGET, result=pilot)
+    b = setting_b(ladder, alphas, seeds_b, log)
     if _POOL is not None:
         _POOL.shutdown()
     ov = overhead(rounds=3 if args.quick else 10, steps_per_round=40)
     log(f"overhead: {ov}")
-
-    kss_defaults = {k: v.default for k, v in
-                    inspect.signature(KoopmanSpectralShaping).parameters.items()
-                    if k in ("rank", "layer_fraction", "n_tokens", "gamma", "beta", "center",
-                             "max_grad")}
+    kss_defaults = {k: v.default for k, v in inspect.signature(KoopmanSpectralShaping).parameters.items()
+                    if k in ("rank", "layer_fraction", "n_tokens", "gamma", "beta", "center", "max_grad")}
     result = {
-        "no_kss": {k: div["no_kss"][k] for k in ("runs", "diverged")},
-        "kss": {k: div["kss"][k] for k in ("runs", "diverged")},
-        "overhead_pct": ov["overhead_pct"],
-        "max_stable_lr": lrs,
-        "alpha": KSS["kss_alpha"], "every": KSS["kss_every"], "kss_defaults": kss_defaults,
-        "by_lr": {name: {str(lr): dict(runs=sum(r["lr"] == lr for r in div[name]["details"]),
-                                       diverged=sum(r["diverged"] for r in div[name]["details"]
-                                                    if r["lr"] == lr))
-                         for lr in HIGH_LRS if any(r["lr"] == lr for r in div[name]["details"])}
-                  for name in div},
-        "kss_control": {k: div["kss_control"][k] for k in ("runs", "diverged")},
-        "collapsed": {k: div[k]["collapsed"] for k in div},
-        "configs": {
-            "base": asdict(BASE), "high_lrs": list(HIGH_LRS), "seeds_high_lr": seeds_high,
-            "kss": KSS, "kss_control": KSS_CONTROL, "control_lrs": list(CONTROL_LRS),
-            "lr_grid_ratio": math.sqrt(2), "jobs": args.jobs,
-            "lr_start": LR_START, "seeds_per_lr": seeds_grid, "quick": args.quick,
-            "torch_threads": 1, "torch": torch.__version__,
-        },
-        "lr_scans": scans,
+        # --- served by risk_model.serve.KSS_EFFECT (tests/test_predictor.py): the EARLIER run's numbers
+        "no_kss": EARLIER["no_norm_high_lr"]["no_kss"],
+        "kss": EARLIER["no_norm_high_lr"]["kss"],
+        "overhead_pct": EARLIER["overhead_pct"],
+        "served_keys_note": ("no_kss, kss and overhead_pct above are the earlier single-arm run's (see "
+                             "earlier_run), kept because serve.KSS_EFFECT serves them; the dose-response "
+                             "below is this run's."),
+        # --- this run
+        "dose_response": {"A_no_norm_diverged": a, "B_pre_ln_failed_at_lr_fail": b},
         "overhead": ov,
-        "runs": {k: v["details"] for k, v in div.items()},
-        "seconds": {"divergence_rate": round(t_div, 1), "max_stable_lr": round(t_lr, 1),
-                    "total": round(time.perf_counter() - t0, 1)},
-        "notes": (
-            "Divergence = trainer label (loss > 50 or grad norm > 500). 'collapsed' = trained to no "
-            "better than the marginal loss. Max stable LR = largest rate of the ascending grid at "
-            "which no seed diverged, all smaller rates stable too; None = none stable. KSS "
-            "settings: alpha/every as recorded, other arguments the class defaults in "
-            "kss_defaults (rank 32, centred, half of the layers, 256 tokens, gradient bound "
-            "max_grad=1). kss_control = same machinery at alpha=1e-4, a perturbation-only "
-            "control. "
-            "Init profile skipped. CPU, one thread, shared machine: timings are noisy."
-        ),
+        "settings": {
+            "alphas": list(alphas), "kss_every": EVERY, "kss_defaults": kss_defaults,
+            "base_A": asdict(BASE), "base_B": asdict(BASE_B), "quick": args.quick, "jobs": args.jobs,
+            "torch_threads": 1, "torch": torch.__version__,
+            "statistics": ("rate CI: Wilson 95%; vs alpha=0: scipy.stats.fisher_exact two-sided (arms as "
+                           "independent samples), sample odds ratio (arm failed/ok over alpha=0 failed/ok); "
+                           "difference arm - alpha0 with Newcombe hybrid-score 95% CI (1998, method 10); "
+                           "paired seeds: discordant counts and exact McNemar p. No multiplicity correction."),
+        },
+        "earlier_run": EARLIER,
+        "git_commit": git_commit(),
+        "cpu_seconds": cpu_seconds(),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    log(f"wrote {args.out}")
+    log(f"wrote {args.out} (cpu {result['cpu_seconds']} s)")
 
 
 if __name__ == "__main__":
