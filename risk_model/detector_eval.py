@@ -25,6 +25,18 @@ Simple rules (what they do, applied to the same points):
 - ``fastai_div``: fastai ``LRFinder``'s stop: the smoothed loss (fastai ``AvgSmoothLoss``, EMA with
   β = 0.98 per step, debiased; over a gap of Δ steps β^Δ) above 4 × its best value so far.
 - ``divergence_rule``: the paper's rule (``labels.divergence_reason``), the detector's hard part alone.
+
+Corpora (``prepare``). corpus-v2: every row is a run, ``final_loss`` (train) is the label loss, the
+curve is the 50 stored points. corpus-v3 (it has ``horizon_of`` and ``final_eval_loss``): each
+training run is stored once per horizon (``steps`` 300 and 1000, the shorter row a prefix of the
+longer run's curve); only the full-length row (``steps == horizon_of``) is kept, so no run's curve
+counts twice, and its held-out ``final_eval_loss`` is the label loss (as in the corpus's own
+``failed``, ``full_ladder.label_ladder``). Its curve is every stored point: the points every 10 steps
+(``loss_curve_10``, steps 1, 11, 21, …) and the 50 evenly spaced ones (``loss_curve``, which end at the
+last step run, a diverged run's diverge step), merged by step.
+
+``evaluate`` fits leave-one-class-out; ``evaluate_fixed`` scores one fitted detector (the shipped
+one) on every run. Both score the same simple rules on the same curves.
 """
 from __future__ import annotations
 
@@ -52,36 +64,93 @@ def curve_steps(steps_run: int, n_points: int) -> list[int]:
     return [i + 1 for i in idx]
 
 
+def is_v3(runs) -> bool:
+    """A corpus-v3 frame: one row per run and horizon, with held-out eval losses."""
+    return "horizon_of" in runs.columns and "final_eval_loss" in runs.columns
+
+
+def _merged_curve(r) -> tuple[list[int], list[float], list[float]]:
+    pts = {}
+    l10, g10 = list(r.loss_curve_10), list(r.grad_norm_curve_10)
+    for k, (l, g) in enumerate(zip(l10, g10)):
+        pts[1 + 10 * k] = (float(l), float(g))
+    loss = [float(v) for v in r.loss_curve]
+    for s, l, g in zip(curve_steps(int(r.steps_run), len(loss)), loss, r.grad_norm_curve):
+        pts[s] = (l, float(g))  # the float64 value where both hold the step
+    steps = sorted(pts)
+    if steps[-1] > int(r.steps_run):
+        raise ValueError(f"run {r.run_id}: a stored point at step {steps[-1]} after its {r.steps_run} steps run")
+    return steps, [pts[s][0] for s in steps], [pts[s][1] for s in steps]
+
+
+def prepare(runs, corpus: str | None = None):
+    """The runs of one corpus in the form ``label_runs`` and ``run_curves`` read (a copy): the
+    columns ``corpus``, ``label_loss`` and the curve (``curve_step``, ``curve_loss``, ``curve_grad``).
+    A corpus-v3 frame keeps only its full-length rows (module doc). A frame already prepared is
+    returned as it is."""
+    if "label_loss" in runs.columns:
+        return runs
+    v3 = is_v3(runs)
+    df = runs.reset_index(drop=True)
+    if v3:
+        df = df[df["steps"] == df["horizon_of"]].reset_index(drop=True)
+        if df["run_id"].duplicated().any():
+            raise ValueError("corpus-v3: a run has more than one full-length row")
+    df = df.copy()
+    df["corpus"] = corpus if corpus is not None else ("corpus-v3" if v3 else "corpus-v2")
+    df["label_loss"] = df["final_eval_loss" if v3 else "final_loss"].astype(float)
+    if v3:
+        cs = [_merged_curve(r) for r in df.itertuples()]
+    else:
+        cs = [(curve_steps(int(r.steps_run), len(r.loss_curve)), [float(v) for v in r.loss_curve],
+               [float(v) for v in r.grad_norm_curve]) for r in df.itertuples()]
+    df["curve_step"] = [c[0] for c in cs]
+    df["curve_loss"] = [c[1] for c in cs]
+    df["curve_grad"] = [c[2] for c in cs]
+    # ``unstable`` is read from the curve its corpus defines it on (corpus-v3: every 10th step)
+    df["unstable_curve"] = df["loss_curve_10" if v3 else "loss_curve"]
+    return df
+
+
 def label_runs(runs):
-    """Per-run labels (a copy of ``runs`` with added columns): ``failed``, ``best_loss``,
+    """Per-run labels (a copy of ``prepare(runs)`` with added columns): ``failed``, ``best_loss``,
     ``never_learns``, ``unstable``, ``keep_running`` and ``kind`` (ok / diverged / lost progress /
-    never learns)."""
-    df = runs.reset_index(drop=True).copy()
+    never learns). The ladders are per ``corpus`` and ``model_id``, on ``label_loss``; a column of the
+    same name in the corpus (corpus-v3 stores its own ``failed``) is replaced: ``label_check`` compares."""
+    df = prepare(runs).copy()
     failed = np.zeros(len(df), bool)
     best = np.full(len(df), math.nan)
     never = np.zeros(len(df), bool)
-    for _, g in df.groupby("model_id", sort=False):
-        s = labels.ladder_summary(g["lr"].tolist(), g["final_loss"].tolist(), g["diverged"].tolist(),
+    for _, g in df.groupby(["corpus", "model_id"], sort=False):
+        s = labels.ladder_summary(g["lr"].tolist(), g["label_loss"].tolist(), g["diverged"].tolist(),
                                   float(g["marginal_loss"].iloc[0]))
         failed[g.index] = s["failed"]
         best[g.index] = s["best_loss"]
         never[g.index] = s["never_learns"]
+    if "failed" in df.columns:
+        df["stored_failed"] = df["failed"].astype(bool)
     df["failed"], df["best_loss"], df["never_learns"] = failed, best, never
-    df["unstable"] = [labels.unstable(c, bool(d)) for c, d in zip(df["loss_curve"], df["diverged"])]
-    df["keep_running"] = ~df["failed"] & (df["final_loss"] <= (1 + NEAR_BEST) * df["best_loss"])
+    df["unstable"] = [labels.unstable(c, bool(d)) for c, d in zip(df["unstable_curve"], df["diverged"])]
+    df["keep_running"] = ~df["failed"] & (df["label_loss"] <= (1 + NEAR_BEST) * df["best_loss"])
     df["kind"] = np.where(~df["failed"], "ok", np.where(df["diverged"], "diverged",
                                                           np.where(df["never_learns"], "never learns",
                                                                    "lost progress")))
     return df
 
 
+def label_check(df) -> dict | None:
+    """How the recomputed ``failed`` compares with the corpus's stored one (None if it stores none)."""
+    if "stored_failed" not in df.columns:
+        return None
+    diff = df["stored_failed"].to_numpy(bool) != df["failed"].to_numpy(bool)
+    return dict(runs=int(len(df)), stored_failed=int(df["stored_failed"].sum()), disagree=int(diff.sum()),
+                disagree_run_ids=df.loc[diff, "run_id"].tolist())
+
+
 def run_curves(df) -> list[RunCurve]:
-    out = []
-    for r in df.itertuples():
-        loss = [float(v) for v in r.loss_curve]
-        out.append(RunCurve(curve_steps(int(r.steps_run), len(loss)), loss, [float(v) for v in r.grad_norm_curve],
-                            int(r.steps), float(r.marginal_loss)))
-    return out
+    df = prepare(df)
+    return [RunCurve(list(r.curve_step), list(r.curve_loss), list(r.curve_grad), int(r.steps),
+                     float(r.marginal_loss)) for r in df.itertuples()]
 
 
 # ---------------------------------------------------------------------------------- simple rules
@@ -174,13 +243,57 @@ def _frac(mask) -> float:
     return float(np.mean(mask)) if len(mask) else math.nan
 
 
+def _counts(df) -> dict:
+    return dict(runs=int(len(df)), failed=int(df["failed"].sum()), keep_running=int(df["keep_running"].sum()),
+                by_kind={k: int((df["kind"] == k).sum()) for k in ("ok", *KINDS)},
+                unstable=int(df["unstable"].sum()), models=int(df.groupby(["corpus", "model_id"]).ngroups))
+
+
+def _results(df, classes, stops, reasons) -> dict:
+    """Per-class and pooled metrics of every rule's stops; per corpus too when ``df`` pools corpora."""
+    cls_col = df[CLASS_COLUMN].to_numpy()
+    corpora = sorted(df["corpus"].unique())
+
+    def split(st, mask):
+        return score([s for s, k in zip(st, mask) if k], df[mask])
+
+    methods = {}
+    for name, st in stops.items():
+        per = {cls: split(st, cls_col == cls) for cls in classes}
+        methods[name] = dict(per_class=per, pooled=score(st, df))
+        if len(corpora) > 1:
+            methods[name]["per_corpus"] = {
+                c: dict(pooled=split(st, df["corpus"].to_numpy() == c),
+                        per_class={cls: split(st, (df["corpus"].to_numpy() == c) & (cls_col == cls))
+                                   for cls in classes if ((df["corpus"].to_numpy() == c) & (cls_col == cls)).any()})
+                for c in corpora}
+    fl = df["failed"].to_numpy()
+    stopped_reasons = {}
+    for r, f in zip(reasons, fl):
+        if r is not None:
+            key = "failed" if f else "not failed"
+            stopped_reasons.setdefault(key, {}).setdefault(r, 0)
+            stopped_reasons[key][r] += 1
+    out = dict(classes=classes, corpora=corpora, methods=methods, labels=_counts(df),
+               detector_reasons=stopped_reasons)
+    if len(corpora) > 1:
+        out["labels_per_corpus"] = {c: _counts(df[df["corpus"] == c]) for c in corpora}
+    chk = label_check(df)
+    if chk is not None:
+        out["label_check"] = chk
+    return out
+
+
 def evaluate(runs, *, detector_params=None, rules=None) -> dict:
     """Leave-one-class-out evaluation of the detector and the simple rules.
 
+    ``runs``: one corpus's frame, or ``label_runs`` of several corpora concatenated (pooled: each
+    held-out class is held out of every corpus).
+
     Returns ``{"classes": [...], "methods": {name: {"per_class": {cls: metrics}, "pooled": metrics}},
-    "thresholds": {cls: p_stop}, "labels": counts}``.
+    "thresholds": {cls: p_stop}, "labels": counts}`` (and ``per_corpus`` under each method when pooled).
     """
-    df = label_runs(runs)
+    df = runs if "keep_running" in runs.columns else label_runs(runs)
     curves = run_curves(df)
     params = dict(detector_params or {})
     rules = SIMPLE_RULES if rules is None else rules
@@ -200,24 +313,29 @@ def evaluate(runs, *, detector_params=None, rules=None) -> dict:
             reasons[i] = None if v is None else v.reason
     for name, rule in rules.items():
         stops[name] = [rule(c) for c in curves]
-    methods = {}
-    cls_col = df[CLASS_COLUMN].to_numpy()
-    for name, st in stops.items():
-        per = {}
-        for cls in classes:
-            m = cls_col == cls
-            per[cls] = score([s for s, k in zip(st, m) if k], df[m])
-        methods[name] = dict(per_class=per, pooled=score(st, df))
-    counts = dict(runs=int(len(df)), failed=int(df["failed"].sum()), keep_running=int(df["keep_running"].sum()),
-                  by_kind={k: int((df["kind"] == k).sum()) for k in ("ok", *KINDS)},
-                  unstable=int(df["unstable"].sum()))
-    fl = df["failed"].to_numpy()
-    stopped_reasons = {}
-    for r, f in zip(reasons, fl):
-        if r is not None:
-            key = "failed" if f else "not failed"
-            stopped_reasons.setdefault(key, {}).setdefault(r, 0)
-            stopped_reasons[key][r] += 1
-    return dict(classes=classes, methods=methods, thresholds=thresholds, labels=counts,
-                detector_reasons=stopped_reasons,
-                detector_params=dict(FailureDetector(**params).__dict__))
+    out = _results(df, classes, stops, reasons)
+    out["thresholds"] = thresholds
+    out["detector_params"] = dict(FailureDetector(**params).__dict__)
+    return out
+
+
+def evaluate_fixed(det: FailureDetector, runs, *, rules=None) -> dict:
+    """One fitted detector (e.g. the shipped one) and the simple rules on every run of ``runs``,
+    per class and pooled; nothing is fitted. Same structure as ``evaluate`` (``thresholds`` holds the
+    detector's own ``p_stop`` for every class)."""
+    df = runs if "keep_running" in runs.columns else label_runs(runs)
+    curves = run_curves(df)
+    rules = SIMPLE_RULES if rules is None else rules
+    classes = sorted(df[CLASS_COLUMN].unique())
+    stops, reasons = {"detector": []}, []
+    for c in curves:
+        v = det.detect(c)
+        stops["detector"].append(None if v is None else v.step)
+        reasons.append(None if v is None else v.reason)
+    for name, rule in rules.items():
+        stops[name] = [rule(c) for c in curves]
+    out = _results(df, classes, stops, reasons)
+    out["thresholds"] = {cls: det.p_stop_ for cls in classes}
+    out["detector_params"] = dict(det.to_dict()["params"], p_stop=det.p_stop_, lost_stop=det.lost_stop_,
+                                  n_runs=det.n_runs_)
+    return out
