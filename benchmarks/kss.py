@@ -26,8 +26,8 @@ Also the wall-time overhead of KSS per training step at α = 0.15 (trainer's loo
 and plain steps interleaved in rounds so that load from other processes hits both alike).
 
 The earlier single-arm benchmark (α = 0.15 at lr 1.5e-2 and 2e-2, and its largest-stable-LR scans) is
-not rerun; its numbers are carried over under ``earlier_run``, and its top-level ``no_kss``/``kss``/
-``overhead_pct`` keys stay, because ``serve.KSS_EFFECT`` serves them (tests/test_predictor.py).
+not rerun; its numbers are carried over under ``earlier_run``. Nothing serves KSS: no arm helped,
+so ``risk predict`` and ``--what-if`` do not offer it.
 
 Run: ``python benchmarks/kss.py`` (about 27 CPU-minutes, one process; ``--jobs N`` runs N in
 parallel); ``--quick`` for a smoke run (a few short runs, two arms). ``--add-a-lr LR`` / ``--add-b-lr
@@ -366,13 +366,6 @@ def main() -> None:
     kss_defaults = {k: v.default for k, v in inspect.signature(KoopmanSpectralShaping).parameters.items()
                     if k in ("rank", "layer_fraction", "n_tokens", "gamma", "beta", "center", "max_grad")}
     result = {
-        # --- served by risk_model.serve.KSS_EFFECT (tests/test_predictor.py): the EARLIER run's numbers
-        "no_kss": EARLIER["no_norm_high_lr"]["no_kss"],
-        "kss": EARLIER["no_norm_high_lr"]["kss"],
-        "overhead_pct": EARLIER["overhead_pct"],
-        "served_keys_note": ("no_kss, kss and overhead_pct above are the earlier single-arm run's (see "
-                             "earlier_run), kept because serve.KSS_EFFECT serves them; the dose-response "
-                             "below is this run's."),
         # --- this run
         "dose_response": {"A_no_norm_diverged": a, "B_pre_ln_failed_at_lr_fail": b},
         "overhead": ov,

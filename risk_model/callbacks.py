@@ -1,9 +1,9 @@
 """Divergence-risk callbacks for the Hugging Face ``transformers.Trainer`` and for Lightning, over
 ``risk_model.monitor.RiskMonitor``.
 
-On train begin the network is checked as ``risk predict`` checks it (P(divergence) at the training
+On train begin the network is checked as ``risk predict`` checks it (P(failed) at the training
 learning rate, the largest safe one, warnings) and the result is logged through the trainer's own
-loggers; with ``action="stop"`` and P(divergence) ≥ ``threshold``, ``DivergenceRiskError`` is
+loggers; with ``action="stop"`` and P(failed) ≥ ``threshold``, ``DivergenceRiskError`` is
 raised before the first optimizer step, saying why and which learning rate would be safe. Every
 ``every`` optimizer steps the spectrum is re-profiled cheaply and logged (``risk/…`` metrics); the
 rows are kept in ``callback.history`` (``monitor.HISTORY_COLUMNS``).
@@ -169,7 +169,7 @@ def _make_hf_callback():
         ----------
         action : {"warn", "stop"}, default "warn"
             "stop" raises ``DivergenceRiskError`` from ``on_train_begin`` (no optimizer step runs)
-            when P(divergence) ≥ ``threshold``, and stops a run the failure detector finds failing;
+            when P(failed) ≥ ``threshold``, and stops a run the failure detector finds failing;
             "warn" only logs.
         threshold : float, default 0.5
         every : int, default 50

@@ -321,8 +321,10 @@ BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default: the tra
 StepsOpt = typer.Option(None, "--steps", help="Training steps (default: the training corpus's median).")
 PredictorOpt = typer.Option(None, "--predictor", help="Predictor directory or registered MLflow model URI (models:/NAME@ALIAS); default: the shipped one in models/.")
 ThresholdOpt = typer.Option(0.2, "--threshold", help="P(failed) under which a learning rate counts as safe (max_safe_lr).")
-ProbeSeedsPredictOpt = typer.Option(3, "--probe-seeds", help="Profile with this many probe seeds; the answer shown is "
-                                    "the seed whose max_safe_lr is the median over them, with every seed's value beside it.")
+ProbeSeedsPredictOpt = typer.Option(None, "--probe-seeds", help="Profile with this many probe seeds; the answer shown is "
+                                    "the seed whose max_safe_lr is the median over them, with every seed's value beside it "
+                                    "(default: 3 when the predictor reads the spectral profile, else 1: the shipped "
+                                    "one does not, so its answer does not depend on the probe).")
 ScheduleOpt = typer.Option("constant", "--schedule", help="LR schedule after the warmup: constant, cosine or linear "
                            "(corpus-v2 holds constant only: the predictor reads it but cannot tell its effect).")
 Beta2Opt = typer.Option(None, "--beta2", help="Optimizer β2 (default: the corpus trainer's, AdamW 0.95, Lion 0.99; "
@@ -394,26 +396,7 @@ def _one_blas_thread():
     return one_blas_thread()
 
 
-def kss_sentence() -> str:
-    """The KSS recommendation, worded from its measured effect (``serve.KSS_EFFECT``): recommended
-    only when it reduced divergence significantly (one-sided Fisher exact test, p < 0.05)."""
-    from risk_model.serve import KSS_EFFECT as k
-
-    off = k["diverged_without"] / k["runs_without"]
-    on = k["diverged_with"] / k["runs_with"]
-    measured = (f"{100 * off:.0f}% → {100 * on:.0f}% of runs diverged without → with KSS ({k['runs_without']} vs "
-                f"{k['runs_with']} runs, one-sided Fisher p={k['fisher_p']:.2g}, "
-                f"{k['overhead_pct']:.0f}% step-time overhead)")
-    if on < off and k["fisher_p"] < 0.05:
-        return f"enable KSS during training (α=0.15); measured here: {measured}"
-    if on < off:
-        return (f"KSS is not recommended as a fix yet: its measured reduction is not significant ({measured}); "
-                "lower the learning rate instead")
-    return (f"KSS is not recommended as a fix yet: in our measurement it did not reduce divergence ({measured}); "
-            "lower the learning rate instead")
-
-
-def _assess(model_obj, label: str, bundle, request, *, blocks=None, inputs=None, input_shape=None, probe_seeds=3,
+def _assess(model_obj, label: str, bundle, request, *, blocks=None, inputs=None, input_shape=None, probe_seeds=None,
             what_if=False):
     """``serve.assess_network`` with a progress bar; the result."""
     from risk_model.serve import assess_network
@@ -425,18 +408,6 @@ def _assess(model_obj, label: str, bundle, request, *, blocks=None, inputs=None,
                               progress=bar)
     finally:
         bar.close()
-
-
-def _assess_model(model_obj, label: str, bundle, *, lrs, optimizer, warmup, batch_size, steps, threshold,
-                  blocks, inputs, input_shape, probe_seeds: int = 3, grad_clip=None, weight_decay=None):
-    """``(result as JSON dict, profile)`` of ``serve.assess_network``: kept for ``RiskMonitor.check``."""
-    from risk_model.serve import Request
-
-    req = Request(lrs=list(lrs), optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
-                  threshold=threshold, grad_clip=grad_clip, weight_decay=weight_decay)
-    res = _assess(model_obj, label, bundle, req, blocks=blocks, inputs=inputs, input_shape=input_shape,
-                  probe_seeds=probe_seeds)
-    return res.to_dict(), res.prof
 
 
 def _fmt_lr(v) -> str:
@@ -533,7 +504,7 @@ def predict_cmd(
     inputs: Optional[Path] = InputsOpt,
     input_shape: Optional[str] = ShapeOpt,
     trust_pickle: bool = TrustOpt,
-    probe_seeds: int = ProbeSeedsPredictOpt,
+    probe_seeds: Optional[int] = ProbeSeedsPredictOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of each layer's eigenvalues and "
                                         "PATH-risk.png: P(failed) and P(diverged) by learning rate."),
@@ -599,7 +570,7 @@ def score_cmd(
     threshold: float = ThresholdOpt,
     blocks: Optional[str] = BlocksOpt,
     input_shape: Optional[str] = ShapeOpt,
-    probe_seeds: int = ProbeSeedsPredictOpt,
+    probe_seeds: Optional[int] = ProbeSeedsPredictOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Assess registered MLflow PyTorch model(s) as `risk predict` does and tag each model version with the result.
@@ -942,13 +913,17 @@ def _sweep_spec_keys() -> str:
         from risk_model.sweep.ladder import _TOP_KEYS as ladder_keys
 
         ladder = ("; kind = \"ladder\" instead reads a learning-rate ladder spec with keys " +
-                  ", ".join(sorted(k for k in ladder_keys if k != "kind")))
+                  ", ".join(sorted(k for k in ladder_keys if k != "kind")) +
+                  "; kind = \"full_ladder\" walks each model's ladder from too slow, past its best LR, to the "
+                  "first failed rung, in [[stage]] tables (each a ladder body), with [ladder] keys adamw/lion/sgd "
+                  "(rungs), start, extra_rung, max_runs, horizons (corpus-v3)")
     except ImportError:  # pragma: no cover - the ladder sweep is optional
         ladder = ""
     return ("Spec keys (TOML). Top level: kind (\"runs\", the default" + ladder + "); name; n_runs (runs to sample); sampler (" + "|".join(SAMPLERS) +
             "); seed (of the sampler); seeds_per_config (training seeds per sampled config); table \\[grid]: a value or "
             "a list of values per run key, any of: " + ", ".join(grid) + ". Keys left out take their default. "
-            "Spec examples: datasets/corpus-v2/spec.toml (ladder), datasets/corpus-v1/spec.toml.\n\n"
+            "Spec examples: datasets/corpus-v3/spec.toml (full_ladder), datasets/corpus-v2/spec.toml (ladder), "
+            "datasets/corpus-v1/spec.toml.\n\n"
             "Example: risk sweep datasets/corpus-v2/spec.toml --out sweeps/corpus-v2 --workers 2")
 
 

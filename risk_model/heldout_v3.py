@@ -199,11 +199,20 @@ def class_scale_factors(nets, runs, pred) -> dict[str, float]:
 
 
 # ==================================================================== ablation
-def ablation(nets, runs, *, candidates=("config", "forward", "gradient", "spectral"), n_boot=1000, seed=0,
-             progress=None, **model_kw) -> dict:
+def measured_groups(nets) -> tuple[str, ...]:
+    """The tree feature groups with at least one finite value in ``nets`` (the curvature group is
+    measured only where ``model_table --curvature`` was run)."""
+    return tuple(g for g, cols in FEATURE_GROUPS.items()
+                 if any(c in nets and np.isfinite(np.asarray(nets[c], float)).any() for c in cols))
+
+
+def ablation(nets, runs, *, candidates=None, n_boot=1000, seed=0, progress=None, **model_kw) -> dict:
     """Greedy forward selection of tree feature groups, starting from the linear part alone, on
     the leave-one-class-out AUROC of the fail model on ``failed``: each round adds the group with
-    the largest gain, only if its paired ΔAUROC CI lies above 0."""
+    the largest gain, only if its paired ΔAUROC CI lies above 0. ``candidates`` None: every
+    ``measured_groups``."""
+    if candidates is None:
+        candidates = measured_groups(nets)
     y = runs["failed"].to_numpy(int)
     cl = runs["model_id"].to_numpy()
     cache = {}

@@ -67,6 +67,17 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 and math.isfinite(x) else float("nan")
 
 
+def probe_batch(model: nn.Module, vocab: int, *, batch: int = 8, seq_len: int = 32,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe (module docstring): inputs and next-token targets, each (batch, T) with
+    T = min(context, seq_len), uniformly random ids from a private seeded generator."""
+    ctx = context_length(model)
+    T = min(ctx, seq_len) if ctx else seq_len
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, T + 1), generator=gen)    # (B, T+1)
+    return ids[:, :-1], ids[:, 1:]                                   # (B, T), (B, T)
+
+
 def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, batch: int = 8,
                   seq_len: int = 32, seed: int = 0) -> dict[str, float]:
     """``forward`` and ``gradient`` features of ``model`` at its current weights (module doc).
@@ -103,12 +114,7 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
         from featurize.capture import find_blocks
 
         _, blocks = find_blocks(model)
-    ctx = context_length(model)
-    T = min(ctx, seq_len) if ctx else seq_len
-    V = embeds[0].num_embeddings
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (batch, T + 1), generator=gen)        # (B, T+1)
-    x_in, y_out = ids[:, :-1], ids[:, 1:]                            # (B, T), (B, T)
+    x_in, y_out = probe_batch(model, embeds[0].num_embeddings, batch=batch, seq_len=seq_len, seed=seed)
 
     ratios: list[float] = []
     stream: list[float] = []
@@ -171,4 +177,90 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
     feats["grad_norm"] = math.sqrt(total) if math.isfinite(total) else float("inf")
     for n, p in params:  # restore the caller's gradients
         p.grad = saved_grads[n]
+    return feats
+
+
+# ---------------------------------------------------------------------------------------------------
+# curvature (ours, a candidate group): the edge-of-stability learning rate at init and a line search
+# along the optimizer's first update, on the same probe (featurize.curvature has the algorithms)
+# ---------------------------------------------------------------------------------------------------
+
+#: β1 of the corpus trainers' AdamW and Lion, and SGD's heavy-ball momentum
+BETA1 = 0.9
+#: micro-batches of the probe whose squared gradients make Adam's v (√v̂ + ε, the preconditioner)
+PRECOND_MICRO = 4
+
+
+def curvature_feature_names() -> list[str]:
+    return ["ln_lr_eos", "ln_lr_overshoot", "ln_lr_line_min", "line_gain"]
+
+
+def curvature_features(model: nn.Module, *, optimizer: str = "adamw", eps: float = 1e-8, batch: int = 8,
+                       seq_len: int = 32, seed: int = 0, iters: int = 10) -> dict[str, float]:
+    """Curvature features of ``model`` at its current weights for ``optimizer``'s first update.
+
+    - ``ln_lr_eos``: ln of the edge-of-stability LR at init. SGD (momentum μ = ``BETA1``):
+      2(1 + μ)/λ_max(H); AdamW and Lion: (2 + 2β1)/((1 − β1) λ_max(P⁻¹H)) with P = √v̂ + ε, v̂ the
+      mean squared gradient over ``PRECOND_MICRO`` micro-batches of the probe (Lanczos, ``iters``
+      Hessian–vector products; NaN where the model has no double backward).
+    - ``ln_lr_overshoot``, ``ln_lr_line_min``: ln of the line search's overshoot and minimiser η
+      along u, the first update per unit LR: g/(|g| + ε) for AdamW, sign(g) for Lion, g for SGD.
+    - ``line_gain``: (L(θ) − min over the line)/L(θ).
+
+    Plus the raw ``curvature_top_eig`` (λ_max of H or P⁻¹H), and ``seconds_eos`` and
+    ``seconds_line``. The probe, the RNG, the weights, gradients and train/eval mode are handled as
+    in ``init_features``.
+    """
+    import time
+
+    from featurize import curvature as C
+
+    feats = {k: float("nan") for k in curvature_feature_names() + ["curvature_top_eig", "seconds_eos",
+                                                                    "seconds_line"]}
+    embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeds:
+        return feats
+    x_in, y_out = probe_batch(model, embeds[0].num_embeddings, batch=batch, seq_len=seq_len, seed=seed)
+    opt = optimizer.lower()
+
+    def loss_on(rows: slice) -> torch.Tensor:
+        out = model(x_in[rows])
+        logits = out if isinstance(out, torch.Tensor) else out.logits          # (b, T, V)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                           y_out[rows].reshape(-1) % logits.shape[-1])
+
+    whole = slice(None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            g = C.flat_grad(model, lambda: loss_on(whole))                            # (n,)
+            if not bool(torch.isfinite(g).all()):
+                return feats
+            t0 = time.perf_counter()
+            try:
+                if opt == "sgd":
+                    lam = C.hessian_top_eig(model, lambda: loss_on(whole), iters=iters, seed=seed)
+                    lr_eos = 2 * (1 + BETA1) / lam if lam > 0 else math.inf
+                else:
+                    micro = [C.flat_grad(model, lambda i=i: loss_on(slice(i, None, PRECOND_MICRO)))
+                             for i in range(min(PRECOND_MICRO, len(x_in)))]
+                    lam = C.preconditioned_top_eig(model, lambda: loss_on(whole),
+                                                   C.adam_preconditioner(micro, eps), iters=iters, seed=seed)
+                    lr_eos = (2 + 2 * BETA1) / ((1 - BETA1) * lam) if lam > 0 else math.inf
+                feats["curvature_top_eig"] = lam
+                feats["ln_lr_eos"] = math.log(lr_eos) if 0 < lr_eos < math.inf else math.nan
+            except RuntimeError:                       # no double backward through this model
+                pass
+            feats["seconds_eos"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            u = g if opt == "sgd" else (torch.sign(g) if opt == "lion" else g / (g.abs() + eps))
+            ls = C.line_search(model, lambda: loss_on(whole), u)
+            feats["seconds_line"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    if math.isfinite(ls.loss0):
+        feats["ln_lr_overshoot"] = math.log(ls.overshoot) if math.isfinite(ls.overshoot) else math.nan
+        feats["ln_lr_line_min"] = math.log(ls.argmin)
+        feats["line_gain"] = (ls.loss0 - ls.loss_min) / ls.loss0 if ls.loss0 > 0 else math.nan
     return feats

@@ -40,7 +40,7 @@ import math
 import numpy as np
 
 from .init_features import GROUPS as PARAM_GROUPS
-from .init_features import forward_feature_names
+from .init_features import curvature_feature_names, forward_feature_names
 
 OPTIMIZERS = ("adamw", "lion", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -71,12 +71,16 @@ def _spectral_names() -> list[str]:
     return list(V2["spectral"])
 
 
-#: Tree feature groups, all dimensionless (no width, depth, steps, batch or parameter count).
+#: Tree feature groups, dimensionless (no width, depth, steps, batch or parameter count) but for
+#: the LR-valued curvature group.
 FEATURE_GROUPS: dict[str, list[str]] = {
     "config": _config_names(),
     "forward": forward_feature_names(),
     "gradient": _gradient_names(),
     "spectral": _spectral_names(),
+    # ours, a candidate: ln of the edge-of-stability LR and of the line search's overshoot and
+    # minimiser along the first update (LR-valued, not dimensionless: they carry their own scale)
+    "curvature": curvature_feature_names(),
 }
 
 
@@ -199,6 +203,7 @@ def network_table(models, layers, runs):
                                    n_layers=m["n_layers"], schedule=str(_col(r, "schedule", "constant")),
                                    beta2=_col(r, "beta2", None), eps=_col(r, "eps", None)))
         row.update(init_scale_features({k: m[k] for k in m.index}, float(m["d_model"])))
+        row.update({c: _f(m.get(c)) for c in curvature_feature_names()})   # NaN where not measured
         row.update(spec.get(mid, {c: math.nan for c in FEATURE_GROUPS["spectral"]}))
         if mid in targets.index:
             row.update(targets.loc[mid].to_dict())

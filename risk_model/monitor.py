@@ -2,15 +2,16 @@
 spectral watch during training.
 
 ``RiskMonitor.check()`` assesses the network with the function ``risk predict`` uses (its profile
-settings, probe seeds and predictor) and returns what ``risk predict --json`` prints (P(divergence)
-per learning rate, ``max_safe_lr``, warnings, recommendation). ``RiskMonitor.step(global_step)`` re-profiles every
+settings, probe seeds and predictor) and returns what ``risk predict --json`` prints (P(failed) and
+the paper's P(diverged) per learning rate, ``max_safe_lr``, warnings, recommendation). ``RiskMonitor.step(global_step)`` re-profiles every
 ``every`` steps with a cheap profile (rank-32 DMD, ``n_samples`` token states, 256 by default) and
 records one row of ``HISTORY_COLUMNS``: M≈1 mean, ρ max, Kreiss max, the residual update ratio and
-P(divergence) at the current learning rate. Failures during training are logged (logger
+P(failed) and P(diverged) at the current learning rate. Failures during training are logged (logger
 ``risk_model.monitor``) and recorded, never raised.
 
-The P(divergence) of a step is the predictor applied to the weights of that step, profiled with a
-smaller N than the corpus was: a trend to watch, not a calibrated probability.
+The P(failed) of a step is the predictor applied to the weights of that step, profiled with a
+smaller N than the corpus was: a trend to watch, not a calibrated probability. Whether a running
+job *is* failing is the failure detector's call (``risk_model.detector``, in the callbacks).
 
 Framework callbacks over this API: ``risk_model.callbacks``.
 
@@ -18,7 +19,7 @@ Examples
 --------
 >>> mon = RiskMonitor(model, lr=3e-4, optimizer="adamw", warmup=100, every=50)   # doctest: +SKIP
 >>> res = mon.check()                                                           # doctest: +SKIP
->>> res["max_safe_lr"], [p["p_divergence"] for p in res["predictions"]]         # doctest: +SKIP
+>>> res["max_safe_lr"], [p["p_failed"] for p in res["predictions"]]             # doctest: +SKIP
 >>> for step, batch in enumerate(loader, 1):                                    # doctest: +SKIP
 ...     loss = model(batch).loss; loss.backward(); opt.step(); opt.zero_grad()
 ...     mon.step(step, lr=opt.param_groups[0]["lr"])
@@ -35,11 +36,18 @@ from .errors import RiskError
 
 logger = logging.getLogger(__name__)
 
+
+def _p_failed(pred: dict) -> float:
+    """P(failed) of one prediction of ``risk predict --json`` (a v2 predictor has only P(diverged))."""
+    v = pred.get("p_failed")
+    return float(pred["p_divergence"] if v is None else v)
+
 #: Fixed column schema of ``RiskMonitor.history`` (one row per monitored step).
 HISTORY_COLUMNS: list[str] = [
     "step",               # global (optimizer) step after which the weights were profiled
     "lr",                 # learning rate at that step (NaN: unknown)
-    "p_divergence",       # P(divergence) at that LR with these weights (NaN: not computed)
+    "p_divergence",       # P(diverged), the paper's label, at that LR with these weights (NaN: not computed)
+    "p_failed",           # P(failed) (ours, the headline) at that LR with these weights (NaN: not computed)
     "max_safe_lr",        # largest LR below the threshold for these weights (NaN: none / not computed)
     "m_near_mean",        # layer-mean near-unit spectral mass M≈1
     "rho_max",            # largest spectral radius over layers
@@ -137,7 +145,7 @@ class FailureWatch:
 
 
 class DivergenceRiskError(RiskError):
-    """Raised to stop training before its first optimizer step when P(divergence) ≥ the threshold.
+    """Raised to stop training before its first optimizer step when P(failed) ≥ the threshold.
 
     Attributes
     ----------
@@ -207,7 +215,7 @@ class RiskMonitor:
     grad_clip, weight_decay : float, optional
         Passed on to predictors that read them.
     threshold : float, default 0.5
-        P(divergence) at or above which the run counts as risky; also the threshold of ``max_safe_lr``.
+        P(failed) at or above which the run counts as risky; also the threshold of ``max_safe_lr``.
     every : int, default 50
         ``step()`` profiles when ``global_step % every == 0``.
     n_samples : int, default 256
@@ -304,7 +312,7 @@ class RiskMonitor:
         -------
         dict
             What ``risk predict --json`` prints: ``predictions`` (one per LR: ``lr``,
-            ``p_divergence``, ``risk``), ``max_safe_lr``, ``warnings``, ``recommendation``, the
+            ``p_failed``, ``p_divergence``, ``risk``), ``max_safe_lr``, ``warnings``, ``recommendation``, the
             profile and the predictor (and whatever fields the served predictor adds); also stored
             as ``assessment_``.
 
@@ -313,28 +321,28 @@ class RiskMonitor:
         featurize.CaptureError : no residual blocks could be found or the forward pass failed
         risk_model.errors.PredictorError : the predictor cannot serve this request
         """
-        from .cli import _assess_model  # the function `risk predict` calls
+        from .serve import Request, assess_network  # the function `risk predict` calls
 
+        req = Request(lrs=[] if self.lr is None else [float(self.lr)], optimizer=self._optimizer_name,
+                      warmup=self.warmup, batch_size=self.batch_size, steps=self.steps, threshold=self.threshold,
+                      grad_clip=self.grad_clip, weight_decay=self.weight_decay)
         with self._rng_kept():
-            out, _ = _assess_model(self.model, type(self.model).__name__, self.bundle(),
-                                   lrs=[] if self.lr is None else [float(self.lr)], optimizer=self._optimizer_name,
-                                   warmup=self.warmup, batch_size=self.batch_size, steps=self.steps,
-                                   threshold=self.threshold, blocks=self.blocks, inputs=None,
-                                   input_shape=self.input_shape, grad_clip=self.grad_clip,
-                                   weight_decay=self.weight_decay)
+            out = assess_network(self.model, bundle=self.bundle(), request=req, blocks=self.blocks,
+                                 input_shape=self.input_shape, label=type(self.model).__name__).to_dict()
         self.assessment_ = out
         return out
 
     def is_risky(self, assessment: dict | None = None) -> bool:
-        """Whether P(divergence) ≥ ``threshold`` at some requested LR (default: the last check)."""
+        """Whether P(failed) ≥ ``threshold`` at some requested LR (default: the last check)."""
         res = assessment if assessment is not None else self.assessment_
-        return max((p["p_divergence"] for p in res["predictions"]), default=0.0) >= self.threshold
+        return max((_p_failed(p) for p in res["predictions"]), default=0.0) >= self.threshold
 
     def explain(self, assessment: dict | None = None) -> str:
         """The verdict of a check in words: P at the LR, what LR would be safe, warnings, advice."""
         res = assessment if assessment is not None else self.assessment_
         ps = ", ".join(("config-free" if p["lr"] is None else f"lr {p['lr']:.3g}")
-                       + f": P(divergence) {p['p_divergence']:.3f}" for p in res["predictions"])
+                       + f": P(failed) {_p_failed(p):.3f}, P(diverged) {p['p_divergence']:.3f}"
+                       for p in res["predictions"])
         verdict = "at or above" if self.is_risky(res) else "below"
         text = f"{ps} ({verdict} the threshold {self.threshold:g})" if ps else "no learning rate given"
         if res.get("max_safe_lr") is not None:
@@ -406,7 +414,8 @@ class RiskMonitor:
             if lr is None or lr > 0:  # a zero LR (start of warmup) cannot diverge: nothing to predict
                 bundle = self.bundle()
                 request = self._request(lr if lr is not None else self.lr)
-                if getattr(bundle, "critical_lr", None) is not None:
+                if getattr(bundle, "lr_predictor", None) is not None or \
+                        getattr(bundle, "critical_lr", None) is not None:
                     # the same predictor as check(): init-time features of the current weights
                     # (one forward and backward pass; gradients, mode and RNG are restored)
                     from featurize import find_blocks
@@ -421,6 +430,8 @@ class RiskMonitor:
                     res = assess(prof, bundle=bundle, request=request)
                 if res.predictions:
                     row["p_divergence"] = res.predictions[0].p_divergence
+                    pf = res.predictions[0].p_failed
+                    row["p_failed"] = math.nan if pf is None else pf
                 row["max_safe_lr"] = math.nan if res.max_safe_lr is None else res.max_safe_lr
         except Exception as e:  # noqa: BLE001 - a failed check must never stop the user's training run
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -468,16 +479,17 @@ class RiskMonitor:
 
     def metrics(self, row: dict, prefix: str = "risk/") -> dict[str, float]:
         """The finite numbers of a history row as ``{prefix + column: value}``, for loggers."""
-        keys = ("p_divergence", "max_safe_lr", *_AGG_COLUMNS)
+        keys = ("p_failed", "p_divergence", "max_safe_lr", *_AGG_COLUMNS)
         return {prefix + k: float(row[k]) for k in keys
                 if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
 
     def preflight_metrics(self, assessment: dict | None = None, prefix: str = "risk/preflight_") -> dict[str, float]:
-        """The check's numbers for loggers: P(divergence) at the training LR (the worst requested
-        one), max_safe_lr when there is one, and the profile's M≈1 mean, ρ max, Kreiss max, update ratio."""
+        """The check's numbers for loggers: P(failed) and P(diverged) at the training LR (the worst
+        requested one), max_safe_lr when there is one, and the profile's M≈1 mean, ρ max, Kreiss max, update ratio."""
         res = assessment if assessment is not None else self.assessment_
         out = {}
         if res.get("predictions"):
+            out[prefix + "p_failed"] = float(max(_p_failed(p) for p in res["predictions"]))
             out[prefix + "p_divergence"] = float(max(p["p_divergence"] for p in res["predictions"]))
         if res.get("max_safe_lr") is not None:
             out[prefix + "max_safe_lr"] = float(res["max_safe_lr"])

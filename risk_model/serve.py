@@ -40,11 +40,6 @@ LR_CURVE = np.logspace(-6, 1, 71)
 LR_RANGE = (1e-6, 10.0)
 SCHEDULES = ("constant", "cosine", "linear")
 
-#: KSS's measured effect (``python benchmarks/kss.py`` → benchmarks/results/kss.json; a test checks
-#: they agree): No-Norm runs diverged without → with KSS, and the one-sided Fisher exact p-value.
-KSS_EFFECT = dict(runs_without=24, diverged_without=17, runs_with=24, diverged_with=16, overhead_pct=3.7,
-                  fisher_p=0.5)
-
 
 def risk_band(p: float) -> str:
     return next(name for hi, name in BANDS if p < hi)
@@ -93,8 +88,24 @@ class PredictorBundle:
 
 #: Profile settings when no predictor says otherwise.
 PROFILE_DEFAULTS = {"n_samples": 512, "rank": 32, "seed": 0, "kreiss_grid": "31x12"}
-#: Probe seeds a network is profiled with by ``risk predict`` and ``risk profile``.
+#: Probe seeds a network is profiled with by ``risk predict`` and ``risk profile`` when the
+#: predictor reads the spectral profile (``default_probe_seeds``).
 PROBE_SEEDS = 3
+
+
+def predictor_groups(bundle: "PredictorBundle") -> set[str]:
+    """The tree feature groups the bundle's v3 predictor reads (empty: the linear part alone)."""
+    lrp = bundle.lr_predictor
+    if lrp is None:
+        return set()
+    return {g for m in (lrp.fail_, lrp.best_, lrp.diverge_) for g in m.groups}
+
+
+def default_probe_seeds(bundle: "PredictorBundle") -> int:
+    """``PROBE_SEEDS`` when the predictor reads the spectral profile; else 1: the answer does not
+    depend on the probe, and the profile is shown from one seed (the cold start stays close to
+    ``import torch``)."""
+    return PROBE_SEEDS if "spectral" in predictor_groups(bundle) else 1
 
 
 def profile_settings(bundle: "PredictorBundle | None" = None) -> dict:
@@ -329,12 +340,14 @@ def recipe_of(request: Request, meta: dict, *, width, n_layers) -> dict:
 
 def network_features(prof, init: dict, recipe: dict) -> dict[str, float]:
     """Every v3 feature of one network under ``recipe`` (``lrmodel``): scale columns, config,
-    forward, gradient and (with a profile) spectral."""
+    forward, gradient, curvature (NaN unless ``init`` carries them) and (with a profile) spectral."""
+    from .init_features import curvature_feature_names
     from .lrmodel import init_scale_features, recipe_features
     from .threshold import SPECTRAL_COLUMNS, spectral_features
 
     feats = recipe_features(**recipe)
     feats.update(init_scale_features(init, recipe["d_model"]))
+    feats.update({c: float(init.get(c, np.nan)) for c in curvature_feature_names()})
     if prof is not None:
         layers = {c: np.array([r.get(c, np.nan) for r in prof.rows], dtype=float) for c in SPECTRAL_COLUMNS}
         layers["degenerate"] = np.array([bool(r.get("degenerate")) for r in prof.rows])
@@ -586,7 +599,7 @@ def _what_if(prof, init, *, bundle, request, n_layers, width, widen) -> list[dic
     return out
 
 
-def assess_network(model, *, bundle: PredictorBundle, request: Request, probe_seeds: int = PROBE_SEEDS, blocks=None,
+def assess_network(model, *, bundle: PredictorBundle, request: Request, probe_seeds: int | None = None, blocks=None,
                    inputs=None, input_shape=None, label: str | None = None, what_if: bool = False,
                    progress=None) -> Assessment:
     """The serving path (module docstring): one network → one ``Assessment``.
@@ -596,7 +609,8 @@ def assess_network(model, *, bundle: PredictorBundle, request: Request, probe_se
     model : nn.Module at its initial weights
     request : the recipe; ``lrs`` may be empty
     probe_seeds : profiles with seeds ``seed, seed+1, …`` (the predictor's seed first); the answer is
-        that of the median max_safe_lr over them, with every seed's max_safe_lr in ``probe_seeds``
+        that of the median max_safe_lr over them, with every seed's max_safe_lr in ``probe_seeds``;
+        None: ``default_probe_seeds``
     inputs : a probe tensor (or a file) for networks without an embedding; ``input_shape`` likewise
     what_if : add the recipe's neighbours (``what_if``)
     """
@@ -609,6 +623,8 @@ def assess_network(model, *, bundle: PredictorBundle, request: Request, probe_se
     lrp = _served(bundle)
     meta = lrp.metadata_
     check_request(request, meta)
+    if probe_seeds is None:
+        probe_seeds = default_probe_seeds(bundle)
     seed0 = int(profile_settings(bundle)["seed"])
     seeds = [seed0 + i for i in range(probe_seeds)]
     probe = load_probe(inputs) if isinstance(inputs, (str, Path)) else inputs
@@ -616,6 +632,11 @@ def assess_network(model, *, bundle: PredictorBundle, request: Request, probe_se
         _, mods = discover_blocks(model, blocks, inputs=probe, input_shape=input_shape, seed=seed0)
         init = init_features(model, blocks=mods)
         dead = dead_at_init(init)
+        if dead is None and "curvature" in predictor_groups(bundle):
+            from .init_features import curvature_features
+
+            init.update(curvature_features(model, optimizer=request.optimizer,
+                                           eps=request.eps if request.eps is not None else 1e-8))
         try:
             profs = profile_for(model, bundle, blocks=blocks, inputs=probe, input_shape=input_shape,
                                 seeds=seeds if dead is None else [seed0], progress=progress)

@@ -184,9 +184,16 @@ def test_profile_and_predict_use_the_predictors_settings_and_the_median_probe_se
 
     settings = json.loads((SHIPPED / "lr_predictor" / "metadata.json").read_text())["profile_settings"]
     prof_out = json.loads(invoke("profile", "example", "--json").stdout)
-    pred = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--json")
+    one = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--json")
+    assert one.exit_code == 0, one.output
+    one = json.loads(one.stdout)
+    # the shipped predictor reads no spectral group: one probe seed by default
+    assert one["probe_seeds"]["seeds"] == [0]
+    pred = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--probe-seeds", "3", "--json")
     assert pred.exit_code == 0, pred.output
     pred = json.loads(pred.stdout)
+    # and its answer does not depend on the probe
+    assert one["max_safe_lr"] == pytest.approx(pred["max_safe_lr"], rel=1e-12)
     # same network, same settings: the same profile in both commands
     assert prof_out["meta"]["n_samples"] == pred["profile"]["meta"]["n_samples"] == settings["n_samples"]
     assert prof_out["aggregates"]["m_near_mean"] == pytest.approx(pred["profile"]["aggregates"]["m_near_mean"])

@@ -112,7 +112,7 @@ def test_hf_stop_raises_before_the_first_optimizer_step(tmp_path):
     assert trainer.state.global_step == 0
     assert len(trainer.optimizer.state) == 0  # AdamW keeps per-parameter state from its first step on
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert info.value.assessment["predictions"][0]["p_divergence"] >= THRESHOLD
+    assert info.value.assessment["predictions"][0]["p_failed"] >= THRESHOLD
     assert "lr 10" in str(info.value)
 
 

@@ -71,6 +71,8 @@ def test_step_records_one_row_per_every_steps_with_the_profiles_numbers():
     assert hist["step"].tolist() == [3, 6]
     assert hist["lr"].tolist() == [1e-3, 1e-3]
     assert (hist["error"] == "").all() and hist["p_divergence"].between(0, 1).all()
+    # a diverged run has failed: P(failed) ≥ P(diverged) at every monitored step
+    assert (hist["p_failed"] >= hist["p_divergence"]).all() and hist["p_failed"].le(1).all()
     # independent recomputation with the featurizer: same probe, same settings
     probe = make_probe(model, 128, seed=5)
     aggs = profile(model, probe, n_samples=128, seed=5, rank=32).aggregates
@@ -78,7 +80,7 @@ def test_step_records_one_row_per_every_steps_with_the_profiles_numbers():
         assert hist[col].iloc[0] == pytest.approx(aggs[col], rel=1e-6), col
     assert hist["n_layers"].tolist() == [2, 2]
     assert mon.metrics(rows[2]) == {f"risk/{c}": pytest.approx(rows[2][c]) for c in
-                                    ("p_divergence", "max_safe_lr", "m_near_mean", "rho_max", "kreiss_max",
+                                    ("p_failed", "p_divergence", "max_safe_lr", "m_near_mean", "rho_max", "kreiss_max",
                                      "update_ratio_mean")}
 
 

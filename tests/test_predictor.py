@@ -16,7 +16,7 @@ from risk_model.evaluate import auroc
 from risk_model.predictor import (P_CLIP, BoostedRiskModel, CalibratedRiskModel, IsotonicRiskModel, PredictorError,
                                   load_predictor, save_predictor)
 from risk_model.predictor import LR_GRID, max_safe_lr
-from risk_model.serve import KSS_EFFECT, PredictorBundle, load_bundle
+from risk_model.serve import PredictorBundle, load_bundle
 from synth_corpus import make_corpus, true_logit, write_corpus
 
 FAST = {"num_boost_round": 40}
@@ -154,30 +154,3 @@ def test_bundle_roundtrip(split, tmp_path):
     np.testing.assert_array_equal(back.config_free.predict_proba(test), b.config_free.predict_proba(test))
 
 
-def test_kss_effect_matches_the_benchmark_result():
-    """The served KSS numbers are the measured ones in benchmarks/results/kss.json."""
-    from pathlib import Path
-
-    from scipy.stats import fisher_exact
-
-    d = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kss.json").read_text())
-    assert (KSS_EFFECT["runs_without"], KSS_EFFECT["diverged_without"]) == (d["no_kss"]["runs"], d["no_kss"]["diverged"])
-    assert (KSS_EFFECT["runs_with"], KSS_EFFECT["diverged_with"]) == (d["kss"]["runs"], d["kss"]["diverged"])
-    assert KSS_EFFECT["overhead_pct"] == d["overhead_pct"]
-    k_off, n_off, k_on, n_on = d["no_kss"]["diverged"], d["no_kss"]["runs"], d["kss"]["diverged"], d["kss"]["runs"]
-    p = fisher_exact([[k_off, n_off - k_off], [k_on, n_on - k_on]], alternative="greater")[1]
-    assert KSS_EFFECT["fisher_p"] == pytest.approx(p, abs=1e-3)
-
-
-def test_kss_recommendation_wording(monkeypatch):
-    from risk_model import serve
-    from risk_model.cli import kss_sentence
-
-    monkeypatch.setattr(serve, "KSS_EFFECT", dict(runs_without=24, diverged_without=16, runs_with=24,
-                                                  diverged_with=3, overhead_pct=9.0, fisher_p=1e-4))
-    assert "enable KSS" in kss_sentence() and "67% → 12%" in kss_sentence()
-    monkeypatch.setattr(serve, "KSS_EFFECT", dict(runs_without=24, diverged_without=17, runs_with=24,
-                                                  diverged_with=19, overhead_pct=3.7, fisher_p=0.9))
-    assert "did not reduce divergence" in kss_sentence() and "71% → 79%" in kss_sentence()
-    monkeypatch.undo()
-    assert "not significant" in kss_sentence() and "enable KSS" not in kss_sentence()

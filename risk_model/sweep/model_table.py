@@ -7,7 +7,10 @@ compared with the stored ``init_loss``: the relative difference is kept in
 ``rebuild_loss_rel_err`` and ``rebuild_ok`` says whether it is within ``REBUILD_TOL``. Resumable: models already
 in the table are kept.
 
-    python -m risk_model.sweep.model_table datasets/corpus-v2
+    python -m risk_model.sweep.model_table datasets/corpus-v2 [--curvature]
+
+``--curvature`` also fills the candidate curvature group (``add_curvature``; about 1–4 CPU-s per
+corpus-v2 model).
 """
 from __future__ import annotations
 
@@ -77,6 +80,49 @@ def features_of(row: pd.Series) -> dict:
     return {**init_features(model, seed=0), "rebuild_loss_rel_err": rel, "rebuild_ok": bool(rel <= REBUILD_TOL)}
 
 
+def curvature_of(row: pd.Series) -> dict:
+    """``init_features.curvature_features`` of one corpus model at its initial weights, for its
+    optimizer (the candidate ``curvature`` group; on the serving probe, as ``risk predict`` would)."""
+    from ..init_features import curvature_features
+
+    model, cfg = rebuild(row)
+    return curvature_features(model, optimizer=cfg.optimizer, eps=cfg.eps, seed=0)
+
+
+def add_curvature(corpus: str | Path, progress: bool = True, every: int = 25) -> pd.DataFrame:
+    """Fill the curvature columns of ``corpus/models.parquet`` for the models that lack them
+    (resumable: the table is written atomically every ``every`` models)."""
+    import torch
+
+    from ..init_features import curvature_feature_names
+    from .runner import write_parquet_atomic
+
+    path = Path(corpus) / MODELS
+    table = pd.read_parquet(path)
+    cols = curvature_feature_names() + ["curvature_top_eig", "seconds_eos", "seconds_line"]
+    for c in cols:
+        if c not in table.columns:
+            table[c] = math.nan
+    todo = [i for i in table.index if not math.isfinite(float(table.at[i, "seconds_line"]))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k, i in enumerate(todo):
+            row = table.loc[i]
+            feats = curvature_of(row) if not bool(row.get("dead_at_init", False)) else {}
+            for c in cols:
+                table.at[i, c] = feats.get(c, math.nan)
+            if not feats:
+                table.at[i, "seconds_line"] = 0.0        # dead at init: nothing to measure, marked done
+            if (k + 1) % every == 0 or k + 1 == len(todo):
+                write_parquet_atomic(table, path, "models")
+                if progress:
+                    print(f"[curvature] {k + 1}/{len(todo)}", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return table
+
+
 def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame:
     """Compute (or extend) ``corpus/models.parquet``; returns the table."""
     import torch
@@ -105,4 +151,6 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
 
 if __name__ == "__main__":
     t = build_model_table(sys.argv[1])
+    if "--curvature" in sys.argv[2:]:
+        t = add_curvature(sys.argv[1])
     print(f"{len(t)} models in {Path(sys.argv[1]) / MODELS}")
