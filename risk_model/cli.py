@@ -827,41 +827,48 @@ def evaluate_cmd(
     _require("netcal", *(["mlflow"] if track else []))
     check_writable_dir(out, what="report")  # before a minute of work, not after
     c = _load_corpus_verbose(corpus)
-    bar = LazyProgress()
-    try:
-        res = evaluate_corpus(c, out_dir=None, n_splits=n_splits, n_boot=n_boot, seed=seed, calibration=calibration,
-                              progress=bar)
-    finally:
-        bar.close()
-    for r in res["table"]:
-        typer.echo(f"{r['name']:<50} AUROC {r['auroc']:.4f} [{r['auroc_lo']:.4f}, {r['auroc_hi']:.4f}]  "
-                   f"ECE {r['ece']:.4f}  Brier {r['brier']:.4f}")
-    try:
-        res["files"] = write_report(res, c.runs.reset_index(drop=True), out)
-    except OSError as e:
-        fail(f"{out}: report not written ({e.strerror or e.__class__.__name__}); the results above are complete")
-    typer.echo(f"report written to {out / 'evaluation.md'}")
-    metrics = flat_metrics(res)
-    if len(corpus) == 1 and "model_id" in c.runs.columns:  # a ladder corpus: predictor v2, held out by class
-        from risk_model.heldout import FULL, evaluate_ladder
-
-        typer.echo("leave-one-architecture-class-out evaluation of the critical-LR predictor ...", err=True)
+    full_ladder = "horizon_of" in c.runs.columns  # corpus-v3: labelled `failed`, few diverged runs per class
+    res, metrics = {"files": []}, {}
+    if full_ladder:
+        typer.echo("a full-ladder corpus: predictor v3 only (P(failed), with the paper's P(diverged) beside it); the "
+                   "v1/v2 baselines are fitted on `diverged` alone, which most classes here lack", err=True)
+    else:
         bar = LazyProgress()
         try:
-            lad = evaluate_ladder(corpus[0], out, n_boot=n_boot, seed=seed,
-                                  progress=lambda done, total: bar("classes", done, total))
+            res = evaluate_corpus(c, out_dir=None, n_splits=n_splits, n_boot=n_boot, seed=seed, calibration=calibration,
+                                  progress=bar)
         finally:
             bar.close()
-        for name, m in lad["pooled"].items():
-            typer.echo(f"{'held-out class: ' + name:<50} AUROC {m['auroc']:.4f} [{m['auroc_ci'][0]:.4f}, "
-                       f"{m['auroc_ci'][1]:.4f}]  ECE {m['ece']:.4f}  Brier {m['brier']:.4f}")
-        safe = lad["max_safe_lr"][FULL]
-        typer.echo(f"max_safe_lr right for {safe['right']:.1%} of held-out networks, unsafe for {safe['unsafe']:.1%}")
-        typer.echo(f"report written to {out / 'heldout.md'}")
-        res["files"] = list(res["files"]) + [out / "heldout.md", out / "heldout.json", out / "heldout_reliability.png"]
-        metrics.update({"v2_lofo_auroc": lad["pooled"][FULL]["auroc"], "v2_lofo_ece": lad["pooled"][FULL]["ece"],
-                        "v2_lofo_brier": lad["pooled"][FULL]["brier"], "v2_max_safe_lr_right": safe["right"],
-                        "v2_max_safe_lr_unsafe": safe["unsafe"]})
+        for r in res["table"]:
+            typer.echo(f"{r['name']:<50} AUROC {r['auroc']:.4f} [{r['auroc_lo']:.4f}, {r['auroc_hi']:.4f}]  "
+                       f"ECE {r['ece']:.4f}  Brier {r['brier']:.4f}")
+        try:
+            res["files"] = write_report(res, c.runs.reset_index(drop=True), out)
+        except OSError as e:
+            fail(f"{out}: report not written ({e.strerror or e.__class__.__name__}); the results above are complete")
+        typer.echo(f"report written to {out / 'evaluation.md'}")
+        metrics = flat_metrics(res)
+        if len(corpus) == 1 and "model_id" in c.runs.columns:  # a ladder corpus: predictor v2, held out by class
+            from risk_model.heldout import FULL, evaluate_ladder
+
+            typer.echo("leave-one-architecture-class-out evaluation of the critical-LR predictor ...", err=True)
+            bar = LazyProgress()
+            try:
+                lad = evaluate_ladder(corpus[0], out, n_boot=n_boot, seed=seed,
+                                      progress=lambda done, total: bar("classes", done, total))
+            finally:
+                bar.close()
+            for name, m in lad["pooled"].items():
+                typer.echo(f"{'held-out class: ' + name:<50} AUROC {m['auroc']:.4f} [{m['auroc_ci'][0]:.4f}, "
+                           f"{m['auroc_ci'][1]:.4f}]  ECE {m['ece']:.4f}  Brier {m['brier']:.4f}")
+            safe = lad["max_safe_lr"][FULL]
+            typer.echo(f"max_safe_lr right for {safe['right']:.1%} of held-out networks, unsafe for {safe['unsafe']:.1%}")
+            typer.echo(f"report written to {out / 'heldout.md'}")
+            res["files"] = list(res["files"]) + [out / "heldout.md", out / "heldout.json", out / "heldout_reliability.png"]
+            metrics.update({"v2_lofo_auroc": lad["pooled"][FULL]["auroc"], "v2_lofo_ece": lad["pooled"][FULL]["ece"],
+                            "v2_lofo_brier": lad["pooled"][FULL]["brier"], "v2_max_safe_lr_right": safe["right"],
+                            "v2_max_safe_lr_unsafe": safe["unsafe"]})
+    if full_ladder or (len(corpus) == 1 and "model_id" in c.runs.columns):
         from risk_model.heldout_v3 import evaluate_v3
 
         typer.echo("predictor v3: ablation, leave-one-class-out on failed, leave-largest-out ...", err=True)

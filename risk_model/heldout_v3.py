@@ -33,7 +33,9 @@ WITHIN = 3.0  # recommended_lr counts as right within this factor of lr_best
 def load_v3(corpus_dir):
     """(nets, runs, corpus) of a ladder corpus: ``lrmodel.network_table`` of the networks whose
     rebuild reproduced their initial loss and that are not dead at init, and their runs with the
-    ``failed`` label (``labels`` via ``lrmodel.ladder_targets``)."""
+    ``failed`` label (``labels`` via ``lrmodel.ladder_targets``). On a full-ladder corpus (corpus-v3)
+    only the full-length row of each training run is kept: its shorter-horizon rows would mix two
+    horizons in one ladder."""
     from pathlib import Path
 
     from .corpus import load_corpus
@@ -45,6 +47,8 @@ def load_v3(corpus_dir):
         models = models[models["rebuild_ok"].astype(bool)]
     c = load_corpus([corpus_dir])
     runs = c.runs
+    if "horizon_of" in runs:  # a full-ladder corpus: one row per training run, at its full length
+        runs = runs[runs["steps"] == runs["horizon_of"]].reset_index(drop=True)
     nets = network_table(models, pd.read_parquet(corpus_dir / "layers.parquet"), runs)
     nets = nets[~nets["dead_at_init"]].reset_index(drop=True)
     runs = runs[runs["model_id"].isin(set(nets["model_id"]))].reset_index(drop=True)
