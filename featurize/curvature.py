@@ -160,8 +160,6 @@ def line_search(model: nn.Module, loss_fn: Callable[[], torch.Tensor], direction
         return v if math.isfinite(v) else math.inf
 
     try:
-        for p, p0 in zip(ps, saved):
-            p.copy_(p0)
         loss0 = float(loss_fn())
         n_fwd += 1
         if not math.isfinite(loss0):

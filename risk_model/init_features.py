@@ -78,6 +78,13 @@ def probe_batch(model: nn.Module, vocab: int, *, batch: int = 8, seq_len: int = 
     return ids[:, :-1], ids[:, 1:]                                   # (B, T), (B, T)
 
 
+def probe_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of logits (B, T, V) on the probe's targets (B, T), in float32;
+    targets are taken modulo V (a head narrower than the embedding's vocabulary)."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                       targets.reshape(-1) % logits.shape[-1])
+
+
 def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, batch: int = 8,
                   seq_len: int = 32, seed: int = 0) -> dict[str, float]:
     """``forward`` and ``gradient`` features of ``model`` at its current weights (module doc).
@@ -140,8 +147,7 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
             logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
             if logits is None or logits.dim() != 3 or logits.shape[-1] < 2:
                 return feats
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                               y_out.reshape(-1) % logits.shape[-1])
+            loss = probe_loss(logits, y_out)
             for _, p in params:
                 p.grad = None
             loss.backward()
@@ -225,9 +231,7 @@ def curvature_features(model: nn.Module, *, optimizer: str = "adamw", eps: float
 
     def loss_on(rows: slice) -> torch.Tensor:
         out = model(x_in[rows])
-        logits = out if isinstance(out, torch.Tensor) else out.logits          # (b, T, V)
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                           y_out[rows].reshape(-1) % logits.shape[-1])
+        return probe_loss(out if isinstance(out, torch.Tensor) else out.logits, y_out[rows])
 
     whole = slice(None)
     was_training = model.training
