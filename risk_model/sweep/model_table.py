@@ -37,6 +37,8 @@ REBUILD_TOL = 1e-3
 
 def model_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per model: ``MODEL_COLUMNS`` plus ``dead_at_init`` and the runs' LRs."""
+    if "horizon_of" in runs:  # a full-ladder corpus: the model's recipe is its full-length run's
+        runs = runs[runs["horizon_of"].isna() | (runs["steps"] == runs["horizon_of"])]
     g = runs.groupby("model_id", sort=True)
     out = g.first()[[c for c in MODEL_COLUMNS if c != "model_id" and c in runs.columns]].copy()
     out["dead_at_init"] = g["dead_at_init"].any()
@@ -141,10 +143,18 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
         feats.append({"model_id": r["model_id"], **features_of(r)})
         if progress and (i + 1) % 25 == 0:
             print(f"[models] {i + 1}/{len(todo)}", file=sys.stderr, flush=True)
-    new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else todo.iloc[:0]
-    table = pd.concat([have, new], ignore_index=True) if len(have) else new
+    new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else None
+    table = have.copy() if new is None else new if not len(have) else pd.concat([have, new], ignore_index=True)
     table = table[table["model_id"].isin(set(rows["model_id"]))].reset_index(drop=True)
-    if feats or len(table) != len(have):  # nothing new: leave the file as it is
+    # the per-model columns always follow the runs (features are kept): a table written before a
+    # rule here changed (e.g. the full-length run's steps) is brought up to date
+    fresh = rows.set_index("model_id")
+    cols = [c for c in fresh.columns if c in table.columns]
+    before = table[cols].copy()
+    for c in cols:
+        table[c] = table["model_id"].map(fresh[c]).astype(fresh[c].dtype)
+    changed = not before.astype(str).equals(table[cols].astype(str))
+    if feats or changed or len(table) != len(have):  # nothing new: leave the file as it is
         write_parquet_atomic(table, path, "models")
     return table
 
