@@ -323,13 +323,13 @@ PredictorOpt = typer.Option(None, "--predictor", help="Predictor directory or re
 ThresholdOpt = typer.Option(0.2, "--threshold", help="P(failed) under which a learning rate counts as safe (max_safe_lr).")
 ProbeSeedsPredictOpt = typer.Option(None, "--probe-seeds", help="Profile with this many probe seeds; the answer shown is "
                                     "the seed whose max_safe_lr is the median over them, with every seed's value beside it "
-                                    "(default: 3 when the predictor reads the spectral profile, else 1: the shipped "
-                                    "one does not, so its answer does not depend on the probe).")
+                                    "(default: 3 when the predictor reads the spectral profile, as the shipped one "
+                                    "does, else 1).")
 ScheduleOpt = typer.Option("constant", "--schedule", help="LR schedule after the warmup: constant, cosine or linear "
-                           "(corpus-v2 holds constant only: the predictor reads it but cannot tell its effect).")
+                           "(the training corpora hold constant only: the predictor reads it but cannot tell its effect).")
 Beta2Opt = typer.Option(None, "--beta2", help="Optimizer β2 (default: the corpus trainer's, AdamW 0.95, Lion 0.99; "
-                        "constant in corpus-v2).")
-EpsOpt = typer.Option(None, "--eps", help="Optimizer eps (default: the corpus trainer's, AdamW 1e-8; constant in corpus-v2).")
+                        "constant in the training corpora).")
+EpsOpt = typer.Option(None, "--eps", help="Optimizer eps (default: the corpus trainer's, AdamW 1e-8; constant in the training corpora).")
 
 
 def _check_at_least(minimum: float, **options) -> None:
@@ -706,13 +706,14 @@ def train_cmd(
     promote: bool = typer.Option(False, "--promote", help="Move the alias champion to this version even if its held-out metrics are worse."),
     track: bool = typer.Option(True, "--track/--no-track", help="Log to MLflow and register the model."),
 ) -> None:
-    """Train predictor v3 on a ladder corpus: ablation, leave-one-class-out metrics, fit, write --out, register in MLflow.
+    """Train predictor v3 on ladder corpora: ablation, leave-one-class-out metrics, fit, write --out, register in MLflow.
 
-    Labels: labels.failed (and the paper's diverged) per run, labels.ladder_summary per model. The
-    feature groups are chosen by the ablation unless --groups is given. Retraining the shipped
-    predictor is this one command (about 20 minutes on 2 busy cores).
+    Labels: labels.failed (and the paper's diverged) per run, labels.ladder_summary per ladder. Several
+    --corpus are pooled; a full-ladder corpus (corpus-v3) also gives a ladder per shorter horizon it
+    was read at. The feature groups are chosen by the ablation unless --groups is given. Retraining
+    the shipped predictor is this one command (about 30 minutes on 2 busy cores).
 
-    Example: risk train --corpus datasets/corpus-v2 --out models/default --replace
+    Example: risk train --corpus datasets/corpus-v2 --corpus datasets/corpus-v3 --out models/default --replace
     """
     import shutil
     import tempfile
@@ -735,9 +736,11 @@ def train_cmd(
             raise UsageError(f"{out} already holds a predictor: add --replace to replace it, or choose another --out")
     check_writable_dir(out.parent if out is not None else Path("models"), what="predictor")
     _load_corpus_verbose(corpus)  # the schema check: a missing column is one line naming it
-    if len(corpus) != 1 or not _is_ladder(corpus[0]):
-        raise UsageError("risk train needs one ladder corpus (runs with model_id, a layers table and models.parquet, "
-                         "like datasets/corpus-v2); the v1 predictors are evaluation baselines now (risk evaluate)")
+    not_ladder = [str(c) for c in corpus if not _is_ladder(c)]
+    if not_ladder:
+        raise UsageError(f"risk train needs ladder corpora (runs with model_id and a layers table, like "
+                         f"datasets/corpus-v2 and datasets/corpus-v3); not one: {', '.join(not_ladder)} (the v1 "
+                         "predictors are evaluation baselines now: risk evaluate)")
     from risk_model.heldout_v3 import evaluate_v3
     from risk_model.serve import PredictorBundle
     from risk_model.train import train_lr_predictor
@@ -745,7 +748,7 @@ def train_cmd(
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         typer.echo("leave-one-class-out evaluation (ablation first unless --groups) ...", err=True)
-        ev = evaluate_v3(corpus[0], report_dir or (tmp / "evaluation"), n_boot=n_boot, seed=seed, n_estimators=rounds,
+        ev = evaluate_v3(list(corpus), report_dir or (tmp / "evaluation"), n_boot=n_boot, seed=seed, n_estimators=rounds,
                          groups=chosen, do_ablation=chosen is None,
                          progress=lambda *a: typer.echo(" ".join(map(str, a)), err=True))
         lrp, free = train_lr_predictor(ev, seed=seed, n_estimators=rounds)
@@ -807,13 +810,13 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate the predictors held out and write reports to --out (and MLflow).
 
-    On a ladder corpus (corpus-v2): predictor v3 left one architecture class out on the `failed`
+    On ladder corpora (corpus-v2, corpus-v3; several are pooled): predictor v3 left one architecture class out on the `failed`
     label (per class and pooled AUROC with CIs, ECE, max_safe_lr right/unsafe, recommended_lr
     within 3x), the feature-group ablation, leave-largest-out and the lr_fail plot
     (heldout_v3.*); the v2 critical-LR model (heldout.*) and the v1 grouped-CV baselines
-    (evaluation.md) beside it.
+    (evaluation.md) beside it on one corpus-v2-like corpus.
 
-    Example: risk evaluate --corpus datasets/corpus-v2 --out reports
+    Example: risk evaluate --corpus datasets/corpus-v2 --corpus datasets/corpus-v3 --out reports
     """
     from risk_model.evaluate import evaluate_corpus, flat_metrics
 
@@ -871,8 +874,12 @@ def evaluate_cmd(
     if full_ladder or (len(corpus) == 1 and "model_id" in c.runs.columns):
         from risk_model.heldout_v3 import evaluate_v3
 
+        not_ladder = [str(p) for p in corpus if not _is_ladder(p)]
+        if not_ladder:
+            raise UsageError(f"predictor v3 is evaluated on ladder corpora only; not one: {', '.join(not_ladder)}")
+
         typer.echo("predictor v3: ablation, leave-one-class-out on failed, leave-largest-out ...", err=True)
-        ev = evaluate_v3(corpus[0], out, n_boot=n_boot, seed=seed,
+        ev = evaluate_v3(list(corpus), out, n_boot=n_boot, seed=seed,
                          progress=lambda *a: typer.echo(" ".join(map(str, a)), err=True))
         p3 = ev["pooled"]
         typer.echo(f"{'v3 held-out class, P(failed)':<50} AUROC {p3['failed']['auroc']:.4f} [{p3['failed']['auroc_ci'][0]:.4f}, "

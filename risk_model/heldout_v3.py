@@ -13,6 +13,8 @@
 - **Leave-largest-out**: fit on the narrower (shallower) networks, score the rest, for the v3 form
   (linear scale part + trees) and the v2 form (trees only, scale columns as tree features).
 
+Several corpora are pooled (``load_v3``): a full-ladder corpus's shorter horizons are ladders of
+their own (``horizon_ladders``), and its networks set the scale exponents (``slope_rows``).
 Networks dead at init are left out (``risk predict`` answers them deterministically).
 """
 from __future__ import annotations
@@ -24,33 +26,83 @@ import pandas as pd
 
 from .evaluate import ECE_BINS, _fmt, auroc, brier, ece
 from .heldout import _boot_ci, paired_delta
-from .lrmodel import FEATURE_GROUPS, LogLRModel, LRPredictor, ladder_targets, network_table
+from .lrmodel import FEATURE_GROUPS, HORIZON_SEP, LogLRModel, LRPredictor, ladder_targets, network_table
 from .outputs import atomic_path
 
 WITHIN = 3.0  # recommended_lr counts as right within this factor of lr_best
 
 
-def load_v3(corpus_dir):
-    """(nets, runs, corpus) of a ladder corpus: ``lrmodel.network_table`` of the networks whose
-    rebuild reproduced their initial loss and that are not dead at init, and their runs with the
-    ``failed`` label (``labels`` via ``lrmodel.ladder_targets``). On a full-ladder corpus (corpus-v3)
-    only the full-length row of each training run is kept: its shorter-horizon rows would mix two
-    horizons in one ladder."""
+def horizon_ladders(runs, models):
+    """A full-ladder corpus's rows read at shorter horizons, as ladders of their own.
+
+    With a constant schedule, the row of a 3000-step run read at step 300 *is* the outcome of the
+    300-step run of the same recipe (same seed, same batches, warmup in absolute steps). Each such
+    (model, horizon) ladder gets the model id ``<model_id>@<steps>`` and a copy of the model's row
+    with that ``steps``; the full-length rows keep their model id. Rows of corpora without
+    ``horizon_of`` (corpus-v2) pass through.
+
+    Returns (runs, models) with one ladder per model id.
+    """
+    if "horizon_of" not in runs:
+        return runs, models
+    short = runs["horizon_of"].notna() & (runs["steps"] < runs["horizon_of"])
+    if "schedule" in runs:  # only a constant schedule makes the truncated run a run of its own
+        decaying = short & runs["schedule"].fillna("constant").ne("constant")
+        runs, short = runs[~decaying], short[~decaying]
+    runs = runs.copy()
+    base = runs["model_id"].astype(str)
+    runs.loc[short, "model_id"] = base[short] + HORIZON_SEP + runs.loc[short, "steps"].astype(int).astype(str)
+    new = runs.loc[short, ["model_id", "steps"]].drop_duplicates("model_id")
+    if new.empty:
+        return runs.reset_index(drop=True), models
+    parent = new["model_id"].str.split(HORIZON_SEP).str[0]
+    rows = models.set_index("model_id").reindex(parent.to_numpy())
+    ok = rows.index.notna() & rows["family"].notna().to_numpy()
+    rows = rows[ok].reset_index(drop=True)
+    rows["model_id"] = new["model_id"].to_numpy()[ok]
+    rows["steps"] = new["steps"].to_numpy()[ok]
+    models = pd.concat([models, rows[models.columns]], ignore_index=True)
+    return runs.reset_index(drop=True), models
+
+
+def load_v3(corpus_dirs, *, horizons: bool = True):
+    """(nets, runs, corpus) of one or more ladder corpora: ``lrmodel.network_table`` of the networks
+    whose rebuild reproduced their initial loss and that are not dead at init, and their runs with
+    the ``failed`` label (``labels`` via ``lrmodel.ladder_targets``).
+
+    A full-ladder corpus (corpus-v3) gives one ladder per model at its full length and, with
+    ``horizons``, one per shorter horizon it was read at (``horizon_ladders``; ids
+    ``<model_id>@<steps>``); without, the shorter-horizon rows are dropped (they would mix two
+    horizons in one ladder). ``nets`` carries ``source`` (the corpus directory) and ``parent_id``
+    (the model id without its horizon)."""
     from pathlib import Path
+
+    import pyarrow.parquet as pq
 
     from .corpus import load_corpus
     from .sweep.model_table import build_model_table
 
-    corpus_dir = Path(corpus_dir)
-    models = build_model_table(corpus_dir, progress=False)
-    if "rebuild_ok" in models:
-        models = models[models["rebuild_ok"].astype(bool)]
-    c = load_corpus([corpus_dir])
+    dirs = [Path(corpus_dirs)] if isinstance(corpus_dirs, (str, Path)) else [Path(d) for d in corpus_dirs]
+    c = load_corpus(dirs)
+    tables, layers = [], []
+    for d in dirs:
+        m = build_model_table(d, progress=False)
+        if "rebuild_ok" in m:
+            m = m[m["rebuild_ok"].astype(bool)]
+        full_ladder = "horizon_of" in pq.read_schema(d / "runs.parquet").names
+        tables.append(m.assign(source=str(d), full_ladder=full_ladder))
+        layers.append(pd.read_parquet(d / "layers.parquet"))
+    models = pd.concat(tables, ignore_index=True).drop_duplicates("model_id")
     runs = c.runs
-    if "horizon_of" in runs:  # a full-ladder corpus: one row per training run, at its full length
-        runs = runs[runs["steps"] == runs["horizon_of"]].reset_index(drop=True)
-    nets = network_table(models, pd.read_parquet(corpus_dir / "layers.parquet"), runs)
-    nets = nets[~nets["dead_at_init"]].reset_index(drop=True)
+    if "horizon_of" in runs:
+        full = runs["horizon_of"].isna() | (runs["steps"] == runs["horizon_of"])
+        runs, models = horizon_ladders(runs, models) if horizons else (runs[full].reset_index(drop=True), models)
+    nets = network_table(models, pd.concat(layers, ignore_index=True), runs)
+    by_id = models.set_index("model_id")
+    nets["source"] = by_id.loc[nets["model_id"], "source"].to_numpy()
+    nets["full_ladder"] = by_id.loc[nets["model_id"], "full_ladder"].to_numpy(bool)
+    nets["parent_id"] = nets["model_id"].astype(str).str.split(HORIZON_SEP).str[0]
+    nets = nets[~nets["dead_at_init"] & nets["model_id"].isin(set(runs["model_id"]))].reset_index(drop=True)
     runs = runs[runs["model_id"].isin(set(nets["model_id"]))].reset_index(drop=True)
     _, failed = ladder_targets(runs)
     runs = runs.assign(failed=failed.to_numpy(bool))
@@ -62,16 +114,26 @@ def _index(nets, runs):
     return runs["model_id"].map(idx).to_numpy(int)
 
 
+def slope_rows(nets):
+    """The networks that set the scale exponents: those of the full-ladder corpora (their scale
+    ladders vary width and horizon within one architecture, on real text), when any are in
+    ``nets``; None (every network) otherwise."""
+    if "full_ladder" not in nets or not nets["full_ladder"].any() or nets["full_ladder"].all():
+        return None
+    return nets["full_ladder"].to_numpy(bool)
+
+
 def _fit(nets, runs, groups, model_kw, targets="all"):
     """A fitted LRPredictor (targets "all") or only its fail model (targets "fail")."""
     ri = _index(nets, runs)
     fam = nets["family"].to_numpy()
+    sr = slope_rows(nets) if model_kw.get("scale_part", True) else None
     if targets == "fail":
         return LogLRModel(groups=groups, **model_kw).fit(
             nets, nets["fail_lo"], nets["fail_hi"], runs_model_index=ri, runs_lr=runs["lr"].to_numpy(float),
-            runs_y=runs["failed"].to_numpy(int), groups=fam)
+            runs_y=runs["failed"].to_numpy(int), groups=fam, slope_rows=sr)
     return LRPredictor(groups=groups, **model_kw).fit(nets, ri, runs["lr"].to_numpy(float), runs["failed"].to_numpy(int),
-                                                      runs["diverged"].to_numpy(int), groups=fam)
+                                                      runs["diverged"].to_numpy(int), groups=fam, slope_rows=sr)
 
 
 def _sig(z):
@@ -247,17 +309,31 @@ def ablation(nets, runs, *, candidates=None, n_boot=1000, seed=0, progress=None,
 
 
 # ==================================================================== leave-largest-out
+#: leave-largest-out splits: (name, fit-on rule, scored rule) over the networks' columns
+LARGEST_SPLITS = (
+    ("width and horizon", "d_model ≤ 256 and steps ≤ 1000", "d_model > 256 or steps > 1000",
+     lambda n: (n["d_model"] <= 256) & (n["steps"] <= 1000)),
+    ("width", "d_model ≤ 128", "d_model > 128", lambda n: n["d_model"] <= 128),
+    ("depth", "n_layers ≤ 8", "n_layers > 8", lambda n: n["n_layers"] <= 8),
+)
+
+
 def leave_largest_out(nets, runs, groups, *, n_boot=1000, seed=0, **model_kw) -> list[dict]:
-    """Fit on width ≤ 128 (depth ≤ 8) and score the wider (deeper) networks, v3 form vs v2 form."""
+    """Fit on the narrower / shorter / shallower networks (``LARGEST_SPLITS``) and score the rest,
+    v3 form (linear scale part + trees) against the v2 form (trees only). A ladder read at a shorter
+    horizon (``horizon_ladders``) of a scored network is left out of the fit too, so the scored
+    network's own runs are never seen."""
     rows = []
-    for axis, col, cut in (("width", "d_model", 128), ("depth", "n_layers", 8)):
-        tr = (nets[col] <= cut).to_numpy()
+    parent = nets["parent_id"] if "parent_id" in nets else nets["model_id"]
+    for axis, fit_on, scored, rule in LARGEST_SPLITS:
+        small = rule(nets).to_numpy(bool)
+        tr = small & ~parent.isin(set(parent[~small])).to_numpy()
         if tr.all() or not tr.any():
             continue
         for form, scale_part in (("v3: linear scale part + trees", True), ("v2 form: trees only", False)):
             pred = heldout_predictions(nets, runs, groups, split=[(axis, tr)], scale_part=scale_part, **model_kw)
-            m = metrics(nets, runs, pred, mask_nets=~tr, n_boot=n_boot, seed=seed)
-            rows.append(dict(axis=axis, fit_on=f"{col} ≤ {cut}", scored=f"{col} > {cut}", form=form, **m))
+            m = metrics(nets, runs, pred, mask_nets=~small, n_boot=n_boot, seed=seed)
+            rows.append(dict(axis=axis, fit_on=fit_on, scored=scored, form=form, **m))
     return rows
 
 
@@ -313,7 +389,9 @@ def _ci(m):
 
 def report_markdown(res: dict) -> str:
     L = ["## Predictor v3: leave-one-architecture-class-out on `failed` (corpus relabelled with labels.failed)", "",
-         f"{res['n_networks']} networks (not dead at init), {res['n_runs']} runs; `failed` rate "
+         f"{res['n_networks']} networks (not dead at init; {res.get('n_horizon_ladders', 0)} of them a full-ladder "
+         "model read at a shorter horizon, id `<model>@<steps>`, kept in its model's fold), "
+         f"{res['n_runs']} runs; `failed` rate "
          f"{res['failed_rate']:.2f}, networks that never learn (labels.never_learns) {res['never_learns']}. "
          f"Tree feature groups shipped: {', '.join(res['groups']) or 'none (the linear part alone: optimizer, ln width, ln depth, ln steps, ln batch)'}. AUROC 95% CI: percentile bootstrap over networks, "
          f"{res['n_boot']} resamples; ECE {ECE_BINS} bins. `max_safe_lr` at P(failed) = {res['threshold']:g}: *right* "
@@ -322,7 +400,9 @@ def report_markdown(res: dict) -> str:
          "| held-out class | networks | runs | P(failed) AUROC [95% CI] | ECE | P(diverged) AUROC [95% CI] | ECE | "
          "max_safe_lr right | unsafe | recommended within 3× (n learn) | … of interior lr_best (n) |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, m in list(res["per_class"].items()) + [("**pooled**", res["pooled"])]:
+    rows = list(res["per_class"].items()) + [("**pooled**", res["pooled"])] \
+        + [(f"*{src}* (all classes)", m) for src, m in res.get("per_source", {}).items()]
+    for name, m in rows:
         f, d = m.get("failed"), m.get("diverged")
         L.append(f"| {name} | {m['networks']} | {m['runs']} | {_ci(f) if f else 'n/a'} | {_fmt(f['ece']) if f else 'n/a'} | "
                  f"{_ci(d) if d else 'n/a'} | {_fmt(d['ece']) if d else 'n/a'} | {_fmt(m['max_safe_right'], '.2f')} | "
@@ -356,9 +436,9 @@ def report_markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def evaluate_v3(corpus_dir, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_estimators=100, groups=None,
+def evaluate_v3(corpus_dirs, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_estimators=100, groups=None,
                 do_ablation=True, progress=None) -> dict:
-    """Everything above on one ladder corpus; writes ``heldout_v3.md``, ``heldout_v3.json``,
+    """Everything above on one or more ladder corpora (pooled, ``load_v3``); writes ``heldout_v3.md``, ``heldout_v3.json``,
     ``heldout_v3_lr_fail.png`` and ``heldout_v3_reliability.png`` into ``out_dir`` (atomically).
     ``groups`` None: chosen by the ablation (``config`` when the ablation is skipped)."""
     import json
@@ -367,7 +447,7 @@ def evaluate_v3(corpus_dir, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_es
     from .evaluate import plot_reliability
 
     say = progress or (lambda *a: None)
-    nets, runs, corpus = load_v3(corpus_dir)
+    nets, runs, corpus = load_v3(corpus_dirs)
     kw = dict(n_estimators=n_estimators, random_state=seed)
     abl = ablation(nets, runs, n_boot=n_boot, seed=seed, progress=lambda k, _: say(f"ablation fit {k}"), **kw) \
         if do_ablation else dict(steps=[], chosen=("config",), pooled={})
@@ -377,13 +457,16 @@ def evaluate_v3(corpus_dir, out_dir, *, threshold=0.2, n_boot=1000, seed=0, n_es
     per_class = {fam: metrics(nets, runs, pred, (nets["family"] == fam).to_numpy(), n_boot, seed)
                  for fam in sorted(nets["family"].unique())}
     pooled = metrics(nets, runs, pred, None, n_boot, seed)
+    per_source = {src: metrics(nets, runs, pred, (nets["source"] == src).to_numpy(), n_boot, seed)
+                  for src in sorted(nets["source"].unique())} if nets["source"].nunique() > 1 else {}
     say("leave-largest-out")
     largest = leave_largest_out(nets, runs, groups, n_boot=n_boot, seed=seed, threshold=threshold, **kw)
     factors = class_scale_factors(nets, runs, pred)
     res = dict(class_scale_factor=factors, novel_class_widen=max(1.0, max(factors.values())),
-               n_networks=int(len(nets)), n_runs=int(len(runs)), failed_rate=float(runs["failed"].mean()),
+               n_networks=int(len(nets)), n_horizon_ladders=int(nets["model_id"].astype(str).str.contains(HORIZON_SEP).sum()),
+               n_runs=int(len(runs)), failed_rate=float(runs["failed"].mean()),
                never_learns=int(nets["never_learns"].sum()), groups=list(groups), threshold=threshold,
-               n_boot=n_boot, ece_bins=ECE_BINS, per_class=per_class, pooled=pooled, ablation=abl, largest=largest,
+               n_boot=n_boot, ece_bins=ECE_BINS, per_class=per_class, pooled=pooled, per_source=per_source, ablation=abl, largest=largest,
                protocol="leave-one-architecture-class-out; calibration folds hold out whole classes")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,18 @@ SCALE_COLUMNS = [c for c, _ in SCALE_AXES]
 CORPUS_BETA2 = {"adamw": 0.95, "lion": 0.99}
 CORPUS_EPS = {"adamw": 1e-8}
 TARGETS = ("fail", "best", "diverge")
+#: a scale axis takes its slope from the ``slope_rows`` of a fit when they hold this many distinct
+#: values of it (``LogLRModel._fit_scale``)
+MIN_LADDER_VALUES = 3
+#: the corpus tasks whose data are generated (``sweep.tasks``); the others (byte-level text, digits)
+#: are real data. The linear part has a term for a synthetic task, and ``risk predict`` answers for
+#: real data (term 0): corpus-v2, synthetic only, then still teaches the architecture and optimizer
+#: effects while real data set the level.
+SYNTHETIC_TASKS = ("assoc_recall", "synthetic_lm")
+TASK_COLUMN = "task_synthetic"
+#: a ladder read at a shorter horizon than its runs' full length has the id ``<model_id>@<steps>``
+#: (``heldout_v3.horizon_ladders``); its init-time profile is its model's
+HORIZON_SEP = "@"
 
 
 def _config_names() -> list[str]:
@@ -94,8 +106,11 @@ def _f(v) -> float:
 
 def recipe_features(*, optimizer: str, warmup: float, steps: float, grad_clip: float, weight_decay: float,
                     batch_size: float, d_model: float, n_layers: float, schedule: str = "constant",
-                    beta2: float | None = None, eps: float | None = None) -> dict[str, float]:
+                    beta2: float | None = None, eps: float | None = None,
+                    task: str | None = None) -> dict[str, float]:
     """The scale columns and the dimensionless config features of a recipe.
+
+    ``task`` None: real data (``TASK_COLUMN`` 0), the case of every user's network.
 
     ``beta2``/``eps`` None: the corpus trainer's value for the optimizer (``CORPUS_BETA2``,
     ``CORPUS_EPS``; NaN where the optimizer has none).
@@ -109,6 +124,7 @@ def recipe_features(*, optimizer: str, warmup: float, steps: float, grad_clip: f
     b2 = CORPUS_BETA2.get(opt, math.nan) if beta2 is None else float(beta2)
     e = CORPUS_EPS.get(opt, math.nan) if eps is None else float(eps)
     out = {f"opt_{o}": float(opt == o) for o in OPTIMIZERS}
+    out[TASK_COLUMN] = float(task in SYNTHETIC_TASKS)
     out.update({f"schedule_{s}": float(schedule == s) for s in SCHEDULES})
     out.update(warmup_fraction=_f(warmup) / max(_f(steps), 1.0), grad_clip=_f(grad_clip),
                weight_decay=_f(weight_decay),
@@ -201,10 +217,12 @@ def network_table(models, layers, runs):
         row.update(recipe_features(optimizer=opt, warmup=m["warmup"], steps=m["steps"], grad_clip=m["grad_clip"],
                                    weight_decay=m["weight_decay"], batch_size=m["batch_size"], d_model=m["d_model"],
                                    n_layers=m["n_layers"], schedule=str(_col(r, "schedule", "constant")),
-                                   beta2=_col(r, "beta2", None), eps=_col(r, "eps", None)))
+                                   beta2=_col(r, "beta2", None), eps=_col(r, "eps", None),
+                                   task=_col(r, "task", None)))
         row.update(init_scale_features({k: m[k] for k in m.index}, float(m["d_model"])))
         row.update({c: _f(m.get(c)) for c in curvature_feature_names()})   # NaN where not measured
-        row.update(spec.get(mid, {c: math.nan for c in FEATURE_GROUPS["spectral"]}))
+        row.update(spec.get(mid, spec.get(str(mid).split(HORIZON_SEP)[0],
+                                          {c: math.nan for c in FEATURE_GROUPS["spectral"]})))
         if mid in targets.index:
             row.update(targets.loc[mid].to_dict())
         rows.append(row)
@@ -249,6 +267,10 @@ class LogLRModel:
         and the scale columns go to the trees (the v2 form, flat outside the corpus; kept to measure
         what the linear part buys).
     slope_prior_sd : prior sd of each scale slope (per unit of ln axis)
+    task_term : bool, default True
+        A linear term for a synthetic task (``TASK_COLUMN``, prior sd ``task_prior_sd``); served
+        at 0 (real data). False: the form of predictors saved before it existed.
+    task_prior_sd : prior sd of the task term (ln units)
     n_estimators, max_depth, learning_rate, min_child_weight, subsample : booster settings
     aft_scale : the AFT noise scale the trees are fitted with (the served scale is ``scale_``)
     n_backfit : rounds of (linear | trees) backfitting
@@ -265,11 +287,13 @@ class LogLRModel:
     """
 
     def __init__(self, groups=("config", "forward", "gradient"), *, scale_part=True, slope_prior_sd=0.5,
-                 n_estimators=100, max_depth=2, learning_rate=0.05, min_child_weight=5.0, subsample=0.8,
+                 task_term=True, task_prior_sd=2.0, n_estimators=100, max_depth=2, learning_rate=0.05, min_child_weight=5.0, subsample=0.8,
                  aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
         self.groups = groups
         self.scale_part = scale_part
         self.slope_prior_sd = slope_prior_sd
+        self.task_term = task_term
+        self.task_prior_sd = task_prior_sd
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -280,7 +304,7 @@ class LogLRModel:
         self.n_splits = n_splits
         self.random_state = random_state
 
-    PARAMS = ("groups", "scale_part", "slope_prior_sd", "n_estimators", "max_depth", "learning_rate",
+    PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "n_estimators", "max_depth", "learning_rate",
               "min_child_weight", "subsample", "aft_scale", "n_backfit", "n_splits", "random_state")
 
     def get_params(self) -> dict:
@@ -289,7 +313,8 @@ class LogLRModel:
     # ------------------------------------------------------------------ matrices
     @property
     def linear_columns_(self) -> list[str]:
-        return [f"opt_{o}" for o in OPTIMIZERS] + (SCALE_COLUMNS if self.scale_part else [])
+        return ([f"opt_{o}" for o in OPTIMIZERS] + ([TASK_COLUMN] if self.task_term else [])
+                + (SCALE_COLUMNS if self.scale_part else []))
 
     def _columns(self, X, names) -> np.ndarray:
         n = len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
@@ -304,13 +329,16 @@ class LogLRModel:
 
     # ------------------------------------------------------------------ pieces
     def _prior_var(self) -> np.ndarray:
-        k = len(OPTIMIZERS)
-        return np.array([100.0] * k + [self.slope_prior_sd ** 2] * (len(self.linear_columns_) - k))
+        var = {f"opt_{o}": 100.0 for o in OPTIMIZERS}
+        var[TASK_COLUMN] = self.task_prior_sd ** 2
+        return np.array([var.get(c, self.slope_prior_sd ** 2) for c in self.linear_columns_])
 
-    def _fit_linear(self, Z, offset, lo, hi):
+    def _fit_linear(self, Z, offset, lo, hi, cols=None):
+        """β (and its Laplace covariance) of the columns ``cols`` of the design (all: None), given
+        in ``Z``, with ``offset`` fixed."""
         from scipy.optimize import minimize
 
-        pv = self._prior_var()
+        pv = self._prior_var() if cols is None else self._prior_var()[cols]
 
         def f(beta):
             nll, g = _interval_nll(offset + Z @ beta, lo, hi, self.aft_scale)
@@ -350,20 +378,50 @@ class LogLRModel:
             return np.zeros(len(U))
         return trees.predict_margin(U).astype(float) - float(trees.base_margin)
 
-    def _fit_core(self, Z, U, lo, hi):
+    def _ladder_axes(self, Z, slope_rows) -> list[int]:
+        """Indices of the scale columns whose slope is taken from the ``slope_rows`` alone: those
+        with at least ``MIN_LADDER_VALUES`` distinct values there."""
+        if slope_rows is None or not np.any(slope_rows):
+            return []
+        return [j for j, c in enumerate(self.linear_columns_) if c in SCALE_COLUMNS
+                and len(np.unique(np.round(Z[slope_rows, j], 9))) >= MIN_LADDER_VALUES]
+
+    def _fit_scale(self, Z, offset, lo, hi, slope_rows):
+        """The linear part: with ``slope_rows``, the slopes of the axes they vary
+        (``_ladder_axes``) are fitted on those rows (with their own intercepts), then held while the
+        other columns are fitted on every row; without, everything on every row."""
+        axes = self._ladder_axes(Z, slope_rows)
+        if not axes:
+            return self._fit_linear(Z, offset, lo, hi)
+        sr = np.asarray(slope_rows, bool)
+        b1, c1 = self._fit_linear(Z[sr], offset[sr], lo[sr], hi[sr])
+        rest = [j for j in range(Z.shape[1]) if j not in axes]
+        b2, c2 = self._fit_linear(Z[:, rest], offset + Z[:, axes] @ b1[axes], lo, hi, cols=rest)
+        beta, cov = np.zeros(Z.shape[1]), np.zeros((Z.shape[1], Z.shape[1]))
+        beta[axes], beta[rest] = b1[axes], b2
+        cov[np.ix_(axes, axes)], cov[np.ix_(rest, rest)] = c1[np.ix_(axes, axes)], c2
+        return beta, cov
+
+    def _fit_core(self, Z, U, lo, hi, slope_rows=None):
         """β, Σ and trees by backfitting; returns (beta, cov, trees)."""
         t = np.zeros(len(Z))
         trees = None
         for _ in range(max(1, self.n_backfit)):
-            beta, cov = self._fit_linear(Z, t, lo, hi)
+            beta, cov = self._fit_scale(Z, t, lo, hi, slope_rows)
             if U.shape[1] and self.n_estimators > 0:
                 trees = self._fit_trees(U, Z @ beta, lo, hi)
                 t = self._tree_part(trees, U)
         return beta, cov, trees
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, lr_low, lr_high, *, runs_model_index=None, runs_lr=None, runs_y=None, groups=None):
+    def fit(self, X, lr_low, lr_high, *, runs_model_index=None, runs_lr=None, runs_y=None, groups=None,
+            slope_rows=None):
         """Fit on networks ``X`` (rows) with the target in (lr_low, lr_high] (0 / inf: censored).
+
+        ``slope_rows`` (boolean per row, e.g. the networks of a full-ladder corpus with its scale
+        ladders): the slope of each scale axis these rows vary is fitted on them alone
+        (``_fit_scale``), so a larger corpus that barely varies an axis, or measures it on another
+        label, does not pull the exponent.
 
         With ``runs_*`` (network row index, lr, binary label per run) the calibration (b, s) is
         fitted by the runs' likelihood; without, by the intervals' likelihood. ``groups`` (e.g.
@@ -381,20 +439,24 @@ class LogLRModel:
         self.tree_features_ = tree + ([] if self.scale_part else SCALE_COLUMNS)
         self.feature_names_ = self.linear_columns_ + [c for c in self.tree_features_ if c not in self.linear_columns_]
         Zraw = self._columns(X, self.linear_columns_)
-        self.design_center_ = np.where(np.arange(Zraw.shape[1]) < len(OPTIMIZERS), 0.0, np.nanmean(Zraw, axis=0))
+        # one-hots and the task term are not centred: 0 is the optimizer's real-data level
+        uncentred = np.isin(self.linear_columns_, [f"opt_{o}" for o in OPTIMIZERS] + [TASK_COLUMN])
+        self.design_center_ = np.where(uncentred, 0.0, np.nanmean(Zraw, axis=0))
         self.design_center_ = np.nan_to_num(self.design_center_)
         Z = self._design(X)
         U = self._columns(X, self.tree_features_)
         g = np.arange(len(Z)) if groups is None else np.asarray(groups)
+        sr = None if slope_rows is None else np.asarray(slope_rows, bool)
         oof = np.full(len(Z), np.nan)
         from sklearn.model_selection import GroupKFold
 
         k = min(self.n_splits, len(np.unique(g)))
         if k >= 2:
             for tr, te in GroupKFold(n_splits=k).split(Z, groups=g):
-                beta, _, trees = self._fit_core(Z[tr], U[tr], lo[tr], hi[tr])
+                beta, _, trees = self._fit_core(Z[tr], U[tr], lo[tr], hi[tr], None if sr is None else sr[tr])
                 oof[te] = Z[te] @ beta + self._tree_part(trees, U[te])
-        self.coef_, self.cov_, self.trees_ = self._fit_core(Z, U, lo, hi)
+        self.coef_, self.cov_, self.trees_ = self._fit_core(Z, U, lo, hi, sr)
+        self.ladder_axes_ = [self.linear_columns_[j] for j in self._ladder_axes(Z, sr)]
         if not np.isfinite(oof).all():  # too few groups for folds: in-sample margins
             oof = self._margin(Z, U)
         self.oof_margin_ = oof
@@ -435,7 +497,7 @@ class LogLRModel:
         return dict(kind="log_lr_v3", params=self.get_params(), feature_names=self.feature_names_,
                     tree_features=self.tree_features_, coef=self.coef_.tolist(), cov=self.cov_.tolist(),
                     design_center=self.design_center_.tolist(), shift=self.shift_, scale=self.scale_,
-                    base_var=self.base_var_,
+                    base_var=self.base_var_, ladder_axes=list(getattr(self, "ladder_axes_", [])),
                     booster=json.loads(self.booster_json_) if self.booster_json_ else None)
 
     @classmethod
@@ -446,11 +508,13 @@ class LogLRModel:
             raise ValueError(f"not a v3 log-LR model (kind {d.get('kind')!r})")
         p = dict(d["params"])
         p["groups"] = tuple(p["groups"])
+        p.setdefault("task_term", False)  # saved before the task term existed
         m = cls(**p)
         m.feature_names_, m.tree_features_ = list(d["feature_names"]), list(d["tree_features"])
         m.coef_, m.cov_ = np.asarray(d["coef"], float), np.asarray(d["cov"], float)
         m.design_center_ = np.asarray(d["design_center"], float)
         m.shift_, m.scale_, m.base_var_ = float(d["shift"]), float(d["scale"]), float(d["base_var"])
+        m.ladder_axes_ = list(d.get("ladder_axes", []))
         m.booster_json_ = json.dumps(d["booster"]) if d.get("booster") else None
         m.trees_ = TreeEnsemble.from_json(m.booster_json_) if m.booster_json_ else None
         return m
@@ -477,21 +541,24 @@ class LRPredictor:
         self.groups = groups
         self.model_kw = model_kw
 
-    def fit(self, nets, runs_model_index, runs_lr, runs_failed, runs_diverged, groups=None) -> "LRPredictor":
+    def fit(self, nets, runs_model_index, runs_lr, runs_failed, runs_diverged, groups=None,
+            slope_rows=None) -> "LRPredictor":
         """``nets``: ``network_table`` rows (targets and features); runs: row index into ``nets``,
-        lr, ``failed`` and ``diverged`` per run; ``groups``: the architecture class per network."""
+        lr, ``failed`` and ``diverged`` per run; ``groups``: the architecture class per network;
+        ``slope_rows``: the networks whose ladders set the scale exponents (``LogLRModel.fit``)."""
         ri = np.asarray(runs_model_index, dtype=int)
         g = None if groups is None else np.asarray(groups)
+        sr = None if slope_rows is None else np.asarray(slope_rows, bool)
         mk = lambda: LogLRModel(groups=self.groups, **self.model_kw)  # noqa: E731
         self.fail_ = mk().fit(nets, nets["fail_lo"], nets["fail_hi"], runs_model_index=ri, runs_lr=runs_lr,
-                              runs_y=runs_failed, groups=g)
+                              runs_y=runs_failed, groups=g, slope_rows=sr)
         self.diverge_ = mk().fit(nets, nets["div_lo"], nets["div_hi"], runs_model_index=ri, runs_lr=runs_lr,
-                                 runs_y=runs_diverged, groups=g)
+                                 runs_y=runs_diverged, groups=g, slope_rows=sr)
         learns = np.isfinite(np.asarray(nets["best_lo"], float))
         sub = nets[learns] if hasattr(nets, "iloc") else {k: np.asarray(v)[learns] for k, v in nets.items()}
         self.best_ = mk().fit(sub, np.asarray(nets["best_lo"], float)[learns],
                               np.asarray(nets["best_hi"], float)[learns],
-                              groups=None if g is None else g[learns])
+                              groups=None if g is None else g[learns], slope_rows=None if sr is None else sr[learns])
         self.metadata_ = getattr(self, "metadata_", {})
         return self
 

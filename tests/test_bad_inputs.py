@@ -180,23 +180,34 @@ def test_profile_and_predict_use_the_predictors_settings_and_the_median_probe_se
     import featurize
     from risk_model.init_features import init_features
     from risk_model.loading import example_model
-    from risk_model.serve import Request, assess_critical, load_bundle
+    from risk_model.serve import Request, assess_critical, load_bundle, predictor_groups
 
-    settings = json.loads((SHIPPED / "lr_predictor" / "metadata.json").read_text())["profile_settings"]
+    meta = json.loads((SHIPPED / "lr_predictor" / "metadata.json").read_text())
+    settings = meta["profile_settings"]
     prof_out = json.loads(invoke("profile", "example", "--json").stdout)
-    one = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--json")
+    one = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--probe-seeds", "1", "--json")
     assert one.exit_code == 0, one.output
     one = json.loads(one.stdout)
-    # the shipped predictor reads no spectral group: one probe seed by default
     assert one["probe_seeds"]["seeds"] == [0]
+    default = json.loads(invoke("predict", "example", "--lr", "1e-2", "--json").stdout)
     pred = invoke("predict", "example", "--lr", "1e-2", "--lr", "3e-2", "--probe-seeds", "3", "--json")
     assert pred.exit_code == 0, pred.output
     pred = json.loads(pred.stdout)
-    # and its answer does not depend on the probe
-    assert one["max_safe_lr"] == pytest.approx(pred["max_safe_lr"], rel=1e-12)
-    # same network, same settings: the same profile in both commands
-    assert prof_out["meta"]["n_samples"] == pred["profile"]["meta"]["n_samples"] == settings["n_samples"]
-    assert prof_out["aggregates"]["m_near_mean"] == pytest.approx(pred["profile"]["aggregates"]["m_near_mean"])
+    if "spectral" in meta["groups"]:
+        # a predictor that reads the profile: three probe seeds by default, and the answer moves with them
+        assert "spectral" in predictor_groups(load_bundle(SHIPPED))
+        assert default["probe_seeds"]["seeds"] == [0, 1, 2]
+        assert len(set(pred["probe_seeds"]["max_safe_lr"])) == 3
+    else:
+        # one that does not: one probe seed by default, and its answer does not depend on the probe
+        assert default["probe_seeds"]["seeds"] == [0]
+        assert one["max_safe_lr"] == pytest.approx(pred["max_safe_lr"], rel=1e-12)
+    # same network, same settings, same seed (the one whose max_safe_lr is shown): the same profile in both commands
+    chosen = pred["probe_seeds"]["chosen"]
+    assert pred["profile"]["meta"]["seed"] == chosen
+    same = json.loads(invoke("profile", "example", "--seed", str(chosen), "--probe-seeds", "1", "--json").stdout)
+    assert same["meta"]["n_samples"] == pred["profile"]["meta"]["n_samples"] == settings["n_samples"]
+    assert same["aggregates"]["m_near_mean"] == pytest.approx(pred["profile"]["aggregates"]["m_near_mean"])
     # every seed's max_safe_lr, recomputed here from three independent profiles; the median is shown
     bundle, net = load_bundle(SHIPPED), example_model()
     init = init_features(net)

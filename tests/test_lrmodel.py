@@ -175,3 +175,85 @@ def test_fit_does_not_depend_on_the_thread_count():
         preds.append(m.predict_log_lr(X))
     np.testing.assert_array_equal(preds[0]["mu"], preds[1]["mu"])
     np.testing.assert_array_equal(preds[0]["scale"], preds[1]["scale"])
+
+
+def test_task_term_learns_a_synthetic_task_shift_and_serves_real_data():
+    """Half the networks trained on a synthetic task whose lr_fail sits e^1.2 higher: the task term
+    finds the shift, and a network without a task (what `risk predict` sees) gets the real-data level."""
+    from risk_model.lrmodel import SYNTHETIC_TASKS, TASK_COLUMN
+
+    X, truth = _synthetic(n=400, seed=5)
+    rng = np.random.default_rng(5)
+    synth = rng.random(len(X)) < 0.5
+    crit = np.sqrt(np.where(X["fail_lo"] > 0, X["fail_lo"], RUNGS[0] / 3) * np.where(np.isfinite(X["fail_hi"]),
+                                                                                        X["fail_hi"], RUNGS[-1] * 3))
+    crit = np.where(synth, crit * math.exp(1.2), crit)
+    lo = np.array([RUNGS[RUNGS < c].max() if (RUNGS < c).any() else 0.0 for c in crit])
+    hi = np.array([RUNGS[RUNGS >= c].min() if (RUNGS >= c).any() else np.inf for c in crit])
+    X = X.assign(**{TASK_COLUMN: synth.astype(float)})
+    m = LogLRModel(groups=(), n_estimators=0, n_splits=3).fit(X, lo, hi, groups=np.arange(len(X)) % 5)
+    coef = dict(zip(m.linear_columns_, m.coef_))
+    assert coef[TASK_COLUMN] == pytest.approx(1.2, abs=0.2)
+    real = m.predict_log_lr(_net(64))["mu"][0]
+    assert m.predict_log_lr({**_net(64), TASK_COLUMN: np.array([1.0])})["mu"][0] - real == pytest.approx(coef[TASK_COLUMN])
+    f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
+                        d_model=64, n_layers=4)
+    assert f[TASK_COLUMN] == 0.0 and all(recipe_features(
+        optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16, d_model=64, n_layers=4,
+        task=t)[TASK_COLUMN] == 1.0 for t in SYNTHETIC_TASKS)
+
+
+def test_every_corpus_task_is_synthetic_or_real_data():
+    from risk_model.lrmodel import SYNTHETIC_TASKS
+    from risk_model.sweep.tasks import TASKS
+
+    assert set(SYNTHETIC_TASKS) <= set(TASKS)
+    assert set(TASKS) - set(SYNTHETIC_TASKS) == {"text_bytes", "digits"}   # generated vs. read from a file
+
+
+def test_a_model_saved_without_the_task_term_loads_and_predicts_as_saved(fitted):
+    _, v3, _ = fitted
+    d = v3.to_dict()
+    cols = v3.linear_columns_
+    keep = [i for i, c in enumerate(cols) if c != "task_synthetic"]
+    d["params"].pop("task_term"), d["params"].pop("task_prior_sd")
+    d["coef"] = [d["coef"][i] for i in keep]
+    d["cov"] = [[d["cov"][i][j] for j in keep] for i in keep]
+    d["design_center"] = [d["design_center"][i] for i in keep]
+    old = LogLRModel.from_dict(d)
+    assert "task_synthetic" not in old.linear_columns_
+    np.testing.assert_allclose(old.predict_log_lr(_net(96))["mu"], v3.predict_log_lr(_net(96))["mu"], rtol=1e-12)
+
+
+def test_scale_slopes_come_from_the_ladders_that_vary_them():
+    """A large corpus whose lr_fail ignores width (as corpus-v2's relabelled boundary nearly does)
+    and a small ladder corpus where ln lr_fail = −1·ln d: the pooled fit is pulled towards 0; with
+    ``slope_rows`` the width slope is the ladders' and depth (which only the large corpus varies)
+    is fitted on every row."""
+    rng = np.random.default_rng(7)
+    rows, crit = [], []
+    for i in range(600):
+        ladder = i < 120
+        d = float(rng.choice([64, 128, 256, 512, 1024] if ladder else [32, 64, 128, 256]))
+        L = 2.0 if ladder else float(rng.choice([2, 4, 8]))
+        ln = (-1.0 * math.log(d / 128) if ladder else 0.0) - 0.5 * math.log(L) - 4.0 + rng.logistic(0, 0.2)
+        rows.append(recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0,
+                                    batch_size=16, d_model=d, n_layers=L))
+        crit.append(math.exp(ln))
+    X = pd.DataFrame(rows)
+    crit = np.array(crit)
+    lo = np.array([RUNGS[RUNGS < c].max() for c in crit])
+    hi = np.array([RUNGS[RUNGS >= c].min() for c in crit])
+    sr = np.arange(len(X)) < 120
+    kw = dict(groups=(), n_estimators=0, n_splits=3)
+    both = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4, slope_rows=sr)
+    pooled = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4)
+    c2, c1 = dict(zip(both.linear_columns_, both.coef_)), dict(zip(pooled.linear_columns_, pooled.coef_))
+    assert both.ladder_axes_ == ["ln_d_model"]
+    assert c2["ln_d_model"] == pytest.approx(-1.0, abs=0.2)               # the prior (sd 0.5) shrinks a little
+    assert c1["ln_d_model"] > -0.6                                        # pulled towards the large corpus's 0
+    assert c2["ln_n_layers"] == pytest.approx(-0.5, abs=0.3)                # the large corpus alone varies it
+    # the covariance keeps the ladders' uncertainty for the width slope: a few networks, a wider sd
+    j = both.linear_columns_.index("ln_d_model")
+    assert both.cov_[j, j] > pooled.cov_[j, j]
+    assert LogLRModel.from_dict(both.to_dict()).ladder_axes_ == ["ln_d_model"]
