@@ -137,17 +137,17 @@ def report_v3(v2: dict, v3: dict) -> str:
 Written by `python benchmarks/detector.py --v3` (numbers: `benchmarks/results/detector_v3.json`).
 
 **Data.** corpus-v3 as it stands ({v3['corpus_rows']} rows; a sweep is still adding to it): {lab['runs']}
-training runs of {lab['models']} models in {len(sh['classes'])} classes (`family`), 1000 planned steps each,
-constant LR after a 50-step warmup, tasks `text_bytes` and `synthetic_lm`. Each run is stored twice, at
-the 300-step horizon and at its full 1000 steps; only the full-length row (`steps == horizon_of`) is
+training runs of {lab['models']} models in {len(sh['classes'])} classes (`family`), {v3['planned_steps']} planned steps,
+constant LR after a 30–50-step warmup, tasks {v3['tasks']}. Each run is stored once per horizon it
+was read at (300, 1000 and its full length); only the full-length row (`steps == horizon_of`) is
 used, so no curve counts twice. The curve: the points every 10 steps (`loss_curve_10`) merged with the
-50 evenly spaced ones (`loss_curve`, ending at the last step run), about 145 points over 1000 steps.
+50 evenly spaced ones (`loss_curve`, ending at the last step run).
 Labels: `failed` by `ladder_summary` per model on the held-out **final eval loss** (`final_eval_loss`;
 corpus-v2 had only the train loss) — {lab['failed']} failed ({k['diverged']} diverged, {k['lost progress']} lost
 progress, {k['never learns']} in models that never learn), {k['ok']} not failed; recomputed here and equal
 to the corpus's stored `failed` on {chk.get('runs', 0) - chk.get('disagree', 0)}/{chk.get('runs', 0)} runs.
 Keep-running (not failed, eval loss within 5% of the model's best): {lab['keep_running']} runs.
-`unstable` {lab['unstable']}. Steps saved = (1000 − stop step) / 1000.
+`unstable` {lab['unstable']}. Steps saved = (planned steps − stop step) / planned steps.
 
 **Small n.** {lab['models']} models, {lab['failed']} failed runs, {lab['keep_running']} keep-running runs in all,
 {_span(sh, 'n_failed')} failed and {_span(sh, 'n_keep_running')} keep-running per class: one run moves a class's recall by 25–50 points and the pooled
@@ -372,7 +372,10 @@ def study_v3(v2_path=CORPUS, v3_path=CORPUS_V3) -> dict:
                     f"{'better' if better_v3 else 'not better'} than the shipped detector; 'clearly better' = "
                     "recall and false alarms no worse, and recall up 2 points or more or one false alarm "
                     "fewer, with median steps saved not 5 points lower).")
-    return dict(corpus_rows=rows[v3["corpus"].iloc[0]], shipped=shipped, v3_loco=v3_loco, pooled_loco=pooled,
+    steps = v3.groupby("steps").size()
+    return dict(corpus_rows=rows[v3["corpus"].iloc[0]],
+                planned_steps=", ".join(f"{n} runs of {int(k)}" for k, n in steps.items()),
+                tasks=", ".join(f"`{t}`" for t in sorted(v3["task"].unique())), shipped=shipped, v3_loco=v3_loco, pooled_loco=pooled,
                 v3_loco_marginal=v3_loco_m, pooled_loco_marginal=pooled_m, lost_progress_runs=lost,
                 diverge_steps=sorted(int(x) for x in v3.loc[v3["diverged"], "steps_run"]),
                 v2_saved_median=prev["methods"]["detector"]["pooled"]["saved_median"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -147,9 +146,22 @@ def test_lora_adapter_is_merged_like_peft(tmp_path):
     _assert_same(truth, _in_memory(load_model(tmp_path / "adapter")), rtol=1e-5)
 
 
-def _risk(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "risk_model.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _risk(*args):
+    """`risk …` in this process (typer's runner: the same exit code and stdout/stderr a shell
+    sees; no second torch import per call). ``test_cli_profile`` runs the CLI as a subprocess."""
+    from typer.testing import CliRunner
+
+    from risk_model.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return _Result(res.exit_code, res.stdout, res.stderr)
 
 
 @pytest.fixture
