@@ -5,6 +5,10 @@
 Targets (issue 20): P(failed) at 6e-4 < 0.2; max_safe_lr in [6e-4, 2e-2]; max_safe_lr falls as the
 width grows. Each network is built at init from its Hugging Face config (no download).
 
+Beside them, other published recipes that are known to train, each at its published LR (a sanity
+check, not a target: P(failed) there should be low, and max_safe_lr at or above it):
+nanoGPT's shakespeare-char (a 6-layer d = 384 GPT, lr 1e-3) and Pythia-160M (GPT-NeoX, lr 6e-4).
+
 Run: ``python benchmarks/known_recipes.py [--predictor DIR] [--out results/known_recipes.json]``
 (about 1–3 CPU-minutes per size).
 """
@@ -25,6 +29,21 @@ SIZES = {"gpt2 (124M)": (768, 12, 12), "gpt2-medium (350M)": (1024, 24, 16), "gp
 RECIPE = dict(optimizer="adamw", warmup=700, steps=18865, batch_size=512, grad_clip=1.0, weight_decay=0.1,
               schedule="cosine", beta2=0.95, eps=1e-8)
 LR = 6e-4
+#: name: (builder, published recipe with its lr); sources: karpathy/nanoGPT config/train_shakespeare_char.py,
+#: EleutherAI/pythia models/160M/pythia-160m.yml
+PUBLISHED = {
+    "nanoGPT shakespeare-char (d 384, 6 layers)": ("gpt2", dict(n_embd=384, n_layer=6, n_head=6, vocab_size=65,
+                                                             n_positions=256),
+                                                  dict(optimizer="adamw", warmup=100, steps=5000, batch_size=64,
+                                                       grad_clip=1.0, weight_decay=0.1, schedule="cosine", beta2=0.99,
+                                                       eps=1e-8, lr=1e-3)),
+    "Pythia-160M (GPT-NeoX, d 768, 12 layers)": ("neox", dict(hidden_size=768, num_hidden_layers=12,
+                                                               num_attention_heads=12, intermediate_size=3072,
+                                                               vocab_size=50304),
+                                                  dict(optimizer="adamw", warmup=1430, steps=143000, batch_size=1024,
+                                                       grad_clip=1.0, weight_decay=0.01, schedule="cosine",
+                                                       beta2=0.95, eps=1e-8, lr=6e-4)),
+}
 
 
 def main(argv=None) -> int:
@@ -32,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--predictor", type=Path, default=None, help="predictor bundle (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of: " + ", ".join(SIZES))
+    ap.add_argument("--no-published", action="store_true", help="only the GPT-2 sizes")
     a = ap.parse_args(argv)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -54,9 +74,27 @@ def main(argv=None) -> int:
         print(f"{name}: P(failed)@6e-4 {p.p_failed:.3f}, max_safe_lr {res.max_safe_lr:.3g}, "
               f"recommended {res.recommended_lr:.3g} ({rows[-1]['seconds']} s)", flush=True)
         del model
+    published = []
+    for name, (kind, cfg, recipe) in ({} if a.no_published else PUBLISHED).items():
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        torch.manual_seed(0)
+        model = (GPT2LMHeadModel(GPT2Config(**cfg)) if kind == "gpt2" else GPTNeoXForCausalLM(GPTNeoXConfig(**cfg))).eval()
+        recipe = dict(recipe)
+        lr = recipe.pop("lr")
+        t = time.perf_counter()
+        res = assess_network(model, bundle=bundle, request=Request(lrs=[lr], **recipe))
+        p = res.predictions[0]
+        published.append(dict(network=name, recipe=dict(recipe, lr=lr), p_failed_at_published_lr=p.p_failed,
+                              max_safe_lr=res.max_safe_lr, recommended_lr=res.recommended_lr,
+                              recommended_lr_interval=res.recommended_lr_interval,
+                              seconds=round(time.perf_counter() - t, 1)))
+        print(f"{name}: P(failed)@{lr:g} {p.p_failed:.3f}, max_safe_lr {res.max_safe_lr:.3g}, "
+              f"recommended {res.recommended_lr:.3g} ({published[-1]['seconds']} s)", flush=True)
+        del model
     safe = [r["max_safe_lr"] for r in rows]
     out = dict(benchmark="known_recipes", recipe=dict(RECIPE, lr=LR, source="karpathy/llm.c GPT-2 124M"),
-               predictor=bundle.version, rows=rows,
+               predictor=bundle.version, rows=rows, published=published,
                targets=dict(p_failed_below_0_2=rows[0]["p_failed_at_6e_4"] < 0.2,
                             max_safe_in_6e_4_to_2e_2=6e-4 <= rows[0]["max_safe_lr"] <= 2e-2,
                             max_safe_falls_with_width=all(x > y for x, y in zip(safe, safe[1:]))))

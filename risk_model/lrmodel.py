@@ -67,6 +67,14 @@ TASK_COLUMN = "task_synthetic"
 HORIZON_SEP = "@"
 
 
+#: the recipe knobs of ``risk predict`` and the feature columns each one moves (``recipe_features``)
+KNOB_FEATURES = {
+    "warmup": ("warmup_fraction",), "grad_clip": ("grad_clip",), "weight_decay": ("weight_decay",),
+    "schedule": tuple(f"schedule_{s}" for s in SCHEDULES), "beta2": ("log10_one_minus_beta2",),
+    "eps": ("log10_eps",), "optimizer": tuple(f"opt_{o}" for o in OPTIMIZERS),
+}
+
+
 def _config_names() -> list[str]:
     return ([f"opt_{o}" for o in OPTIMIZERS] + [f"schedule_{s}" for s in SCHEDULES]
             + ["warmup_fraction", "grad_clip", "weight_decay", "log10_one_minus_beta2", "log10_eps"]
@@ -588,6 +596,12 @@ class LRPredictor:
         pf = np.maximum(_sigmoid((lr - f["mu"][:, None]) / f["scale"][:, None]), pd_)
         out.update(p_failed=pf, p_diverged=pd_)
         return out
+
+    def reads(self, knob: str) -> bool:
+        """Whether any of the three models reads a feature that the recipe ``knob`` moves
+        (``KNOB_FEATURES``); False: changing it cannot change the answer."""
+        cols = set(self.fail_.feature_names_) | set(self.best_.feature_names_) | set(self.diverge_.feature_names_)
+        return any(c in cols for c in KNOB_FEATURES[knob])
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:

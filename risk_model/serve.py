@@ -594,6 +594,9 @@ def _what_if(prof, init, *, bundle, request, n_layers, width, widen) -> list[dic
         knob = next(iter(change), None)
         if knob in const or (knob == "beta2" and "beta2" in const):
             note = f"{knob} did not vary in the training corpus: same answer as the stated recipe by construction"
+        elif knob is not None and not bundle.lr_predictor.reads(knob):
+            note = (f"the predictor does not read {knob} (no feature group with it earned its place): same answer "
+                    "as the stated recipe by construction")
         out.append(dict(change=name, recipe=change, recommended_lr=r.recommended_lr, max_safe_lr=r.max_safe_lr,
                         note=note))
     return out

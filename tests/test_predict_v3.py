@@ -138,6 +138,31 @@ def test_what_if_rows_are_the_neighbours_answers(ckpt, bundle_dir):
     # knobs that never varied in the corpus: the same answer, and the row says why
     for key in ("cosine schedule", "β2 0.999"):
         assert rows[key]["max_safe_lr"] == pytest.approx(out["max_safe_lr"], rel=1e-12) and rows[key]["note"]
+    # this predictor reads the config group: warmup and clipping move it, and their rows carry no note
+    assert rows["warmup ×4"]["note"] is None and rows["clipping on"]["note"] is None
+
+
+def test_what_if_says_when_the_predictor_does_not_read_a_knob(ckpt, bundle_dir, tmp_path):
+    """A predictor with the linear part only (no config group): warmup and clipping cannot move
+    its answer, and those rows say so."""
+    from risk_model.lrmodel import LRPredictor
+
+    shipped = load_bundle(bundle_dir)
+    models, layers, runs = corpus_subset()
+    nets = network_table(models, layers, runs).reset_index(drop=True)
+    _, failed = ladder_targets(runs)
+    idx = {m: i for i, m in enumerate(nets["model_id"])}
+    m = LRPredictor(groups=(), n_estimators=0, n_splits=3).fit(nets, runs["model_id"].map(idx), runs["lr"], failed,
+                                                               runs["diverged"], groups=nets["family"])
+    m.metadata_ = shipped.lr_predictor.metadata_
+    assert not m.reads("warmup") and not m.reads("grad_clip") and m.reads("optimizer")
+    PredictorBundle(None, shipped.config_free, "", version="test-linear", lr_predictor=m).save(tmp_path / "b")
+    out = run_json(ckpt, "--predictor", tmp_path / "b", "--probe-seeds", "1", "--warmup", "40", "--what-if")
+    rows = {r["change"].split(" (")[0]: r for r in out["what_if"]}
+    for key in ("warmup ×4", "warmup ÷4", "clipping on"):
+        assert rows[key]["max_safe_lr"] == pytest.approx(out["max_safe_lr"], rel=1e-12)
+        assert "does not read" in rows[key]["note"]
+    assert rows["lion"]["note"] is None and rows["lion"]["max_safe_lr"] != pytest.approx(out["max_safe_lr"])
 
 
 def test_unknown_schedule_is_one_line_naming_the_choices(ckpt, bundle_dir):
