@@ -318,16 +318,22 @@ LARGEST_SPLITS = (
 )
 
 
+def largest_split(nets, rule) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, small): ``small`` the networks ``rule`` keeps; ``fit`` those of them whose model has no
+    ladder outside ``rule`` (a scored network's shorter horizons are not fitted on)."""
+    parent = nets["parent_id"] if "parent_id" in nets else nets["model_id"]
+    small = np.asarray(rule(nets), bool)
+    return small & ~parent.isin(set(parent[~small])).to_numpy(), small
+
+
 def leave_largest_out(nets, runs, groups, *, n_boot=1000, seed=0, **model_kw) -> list[dict]:
     """Fit on the narrower / shorter / shallower networks (``LARGEST_SPLITS``) and score the rest,
     v3 form (linear scale part + trees) against the v2 form (trees only). A ladder read at a shorter
     horizon (``horizon_ladders``) of a scored network is left out of the fit too, so the scored
     network's own runs are never seen."""
     rows = []
-    parent = nets["parent_id"] if "parent_id" in nets else nets["model_id"]
     for axis, fit_on, scored, rule in LARGEST_SPLITS:
-        small = rule(nets).to_numpy(bool)
-        tr = small & ~parent.isin(set(parent[~small])).to_numpy()
+        tr, small = largest_split(nets, rule)
         if tr.all() or not tr.any():
             continue
         for form, scale_part in (("v3: linear scale part + trees", True), ("v2 form: trees only", False)):

@@ -179,6 +179,9 @@ def log_training(*, bundle_dir: Path, params: dict, metrics: dict, heldout: dict
     champ = _champion(client, name)
     old = None if champ is None else {k: champ.tags.get(f"heldout.{k}") for k in ("auroc", "brier")}
     ok, reason = should_promote(heldout, old)
+    if champ is not None and champ.tags.get("corpus_hash") not in (None, corpus_hash):
+        reason += (f"; the champion was held out on another corpus ({champ.tags['corpus_hash'][:12]} against "
+                   f"{corpus_hash[:12]}), so the comparison is only indicative")
     if promote and not ok:
         ok, reason = True, "promoted by --promote (" + reason + ")"
     if ok:

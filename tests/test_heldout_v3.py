@@ -101,3 +101,16 @@ def test_evaluate_refuses_a_corpus_without_ladders_beside_a_full_ladder_one(pool
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "rows," not in ln and "full-ladder" not in ln]
     assert res.exit_code == 1 and len(lines) == 1 and str(v1) in lines[0] and "ladder" in lines[0], res.stderr
     assert not (tmp_path / "r" / "heldout_v3.md").exists()
+
+
+def test_leave_largest_out_never_fits_on_a_scored_models_shorter_horizons():
+    from risk_model.heldout_v3 import LARGEST_SPLITS, largest_split
+
+    nets = pd.DataFrame(dict(model_id=["a", "a@300", "a@1000", "b", "b@300", "c"],
+                             parent_id=["a", "a", "a", "b", "b", "c"],
+                             d_model=[64, 64, 64, 512, 512, 128], steps=[3000, 300, 1000, 300, 300, 1000],
+                             n_layers=2))
+    rule = LARGEST_SPLITS[0][3]                                  # width ≤ 256 and steps ≤ 1000
+    fit, small = largest_split(nets, rule)
+    assert small.tolist() == [False, True, True, False, False, True]
+    assert fit.tolist() == [False, False, False, False, False, True]   # only c: a and b are scored

@@ -134,6 +134,7 @@ def test_champion_moves_only_when_not_worse(store, trained, corpora):
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("divergence-risk", "champion").version) == "1"
     assert "champion kept" in res.stdout
+    assert "held out on another corpus" in res.stdout                 # noise and good differ in their hash
     train(noise, store / "out3", "--promote")
     assert str(client.get_model_version_by_alias("divergence-risk", "champion").version) == "3"
     train(good, store / "out4")  # better than the forced champion again
