@@ -8,9 +8,11 @@ The model (DESIGN §8 v3, docs/method.md)
 
         ln lr_t = z(x)·β_t + g_t(u(x)) + b_t + s_t·ε,    ε standard logistic,
 
-    where z = [optimizer one-hot, ln width, ln depth, ln steps, ln batch] (centred) is a *linear*
-    scale part — it keeps moving outside the corpus's range of widths, depths, horizons and
-    batches, where trees are flat — and g_t are boosted trees (XGBoost ``survival:aft``, fitted with
+    where z = [optimizer one-hot, synthetic task, ln width, ln depth, ln steps, ln batch] (the scale
+    axes centred) is a *linear* scale part — it keeps moving outside the corpus's range of widths,
+    depths, horizons and batches, where trees are flat; served with the task term at 0 (real data);
+    with ``slope_rows`` the exponents of the axes those networks vary (the full-ladder corpus's scale
+    ladders) are fitted on them alone — and g_t are boosted trees (XGBoost ``survival:aft``, fitted with
     the linear part as base margin) on dimensionless features u only (init scale × √width, update
     ratios, relative gradients, recipe fractions, the spectral profile). β has a Gaussian prior
     (sd ``slope_prior_sd`` per unit of ln axis) and its Laplace posterior covariance Σ widens the
@@ -295,8 +297,8 @@ class LogLRModel:
     """
 
     def __init__(self, groups=("config", "forward", "gradient"), *, scale_part=True, slope_prior_sd=0.5,
-                 task_term=True, task_prior_sd=2.0, n_estimators=100, max_depth=2, learning_rate=0.05, min_child_weight=5.0, subsample=0.8,
-                 aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
+                 task_term=True, task_prior_sd=2.0, n_estimators=100, max_depth=2, learning_rate=0.05,
+                 min_child_weight=5.0, subsample=0.8, aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
         self.groups = groups
         self.scale_part = scale_part
         self.slope_prior_sd = slope_prior_sd
@@ -312,8 +314,8 @@ class LogLRModel:
         self.n_splits = n_splits
         self.random_state = random_state
 
-    PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "n_estimators", "max_depth", "learning_rate",
-              "min_child_weight", "subsample", "aft_scale", "n_backfit", "n_splits", "random_state")
+    PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "n_estimators", "max_depth",
+              "learning_rate", "min_child_weight", "subsample", "aft_scale", "n_backfit", "n_splits", "random_state")
 
     def get_params(self) -> dict:
         return {k: (list(getattr(self, k)) if k == "groups" else getattr(self, k)) for k in self.PARAMS}
