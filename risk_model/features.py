@@ -144,7 +144,8 @@ ATTENTION_FREE_FAMILIES = frozenset({"mamba"})
 
 def training_domain_problem(model, families=()) -> str | None:
     """Why ``model`` lies outside what the predictor was trained on (token-embedding language models,
-    transformers unless an attention-free family such as mamba was in the corpus), or None.
+    transformers unless an attention-free family such as mamba was in the corpus, image transformers
+    when an image family such as vit was), or None.
 
     Parameters
     ----------
@@ -154,13 +155,17 @@ def training_domain_problem(model, families=()) -> str | None:
     """
     from torch import nn
 
+    from .zoo import IMAGE_FAMILIES
+
     families = sorted(families or ())
-    what = f"the {', '.join(families)} language models" if families else "transformer language models"
+    what = f"the {', '.join(families)} networks" if families else "transformer language models"
     name = type(model).__name__
-    if not any(isinstance(m, nn.Embedding) for m in model.modules()):
-        return f"{name} has no token embedding: it is not one of {what} the predictor was trained on"
     has_attention = any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
                         for m in model.modules())
+    if not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        if has_attention and set(families) & set(IMAGE_FAMILIES):
+            return None  # an image transformer, and the corpus holds one (vit)
+        return f"{name} has no token embedding: it is not one of {what} the predictor was trained on"
     if not has_attention and not (set(families) & ATTENTION_FREE_FAMILIES):
         return f"{name} has no attention layers: it is not one of {what} the predictor was trained on"
     return None

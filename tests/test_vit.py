@@ -216,3 +216,24 @@ def test_a_vit_stage_runs_through_the_full_ladder_sweep(tmp_path):
     assert runs["failed"].notna().all() and runs["final_eval_loss"].notna().all()
     assert runs["marginal_loss"].iloc[0] == pytest.approx(tasks.make_task("digits", seed=0).marginal_loss)
     assert run_sweep(spec, tmp_path / "out", progress=False)["ran"] == 0   # resumed: nothing redone
+
+
+def test_a_vit_is_in_the_training_domain_only_of_a_predictor_that_saw_one(tmp_path):
+    from torch import nn
+
+    from risk_model.cli import app
+    from risk_model.features import training_domain_problem
+    from risk_model.serve import load_bundle
+
+    torch.manual_seed(0)
+    vit = build_model(TINY)
+    assert training_domain_problem(vit, families=("gpt", "vit")) is None
+    assert "no token embedding" in training_domain_problem(vit, families=("gpt", "hf_llama"))
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))      # no attention: not an image transformer
+    assert "no token embedding" in training_domain_problem(mlp, families=("gpt", "vit"))
+    # the shipped predictor was trained with the vit class: no out-of-domain warning, no novel-class widening
+    assert "vit" in load_bundle().lr_predictor.metadata_["families"]
+    res = CliRunner().invoke(app, ["predict", str(save_checkpoint(vit, tmp_path / "v.pt")), "--json", "--probe-seeds", "1"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert not any("training domain" in w for w in out["warnings"]) and not out["outside_corpus"].get("novel_class")
