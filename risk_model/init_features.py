@@ -20,7 +20,10 @@ Two groups (the ``spectral`` group is the RKSP profile, ``featurize``):
 The probe: ``batch`` sequences of uniformly random token ids of length min(context, ``seq_len``),
 seeded; the loss is next-token cross-entropy on it (a task-free stand-in for the first batch). The
 caller's torch RNG is left as it was and the model's weights, gradients and train/eval mode are
-restored. Networks without an embedding (no token ids) get NaN for the features that need them.
+restored. A network without an embedding that declares ``input_shape`` (an image classifier such as
+the zoo's ViT, logits (B, C)) gets standard Gaussian images of that shape, as ``featurize``'s probe
+draws them, and uniformly random class targets; other networks without an embedding get NaN for
+the features that need a loss.
 """
 from __future__ import annotations
 
@@ -79,8 +82,9 @@ def probe_batch(model: nn.Module, vocab: int, *, batch: int = 8, seq_len: int = 
 
 
 def probe_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of logits (B, T, V) on the probe's targets (B, T), in float32;
-    targets are taken modulo V (a head narrower than the embedding's vocabulary)."""
+    """Next-token cross-entropy of logits (B, T, V) on the probe's targets (B, T), or of a
+    classifier's logits (B, C) on class targets (B,), in float32; targets are taken modulo V (a head
+    narrower than the embedding's vocabulary)."""
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                        targets.reshape(-1) % logits.shape[-1])
 
@@ -115,13 +119,21 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
         if ps:
             sq = sum(float(p.detach().double().pow(2).sum()) for p in ps)
             feats[f"log10_rms_w_{g}"] = _log10(math.sqrt(sq / sum(p.numel() for p in ps)))
-    if not embeds:
+    from featurize.capture import declared_input_shape
+
+    image_shape = None if embeds else declared_input_shape(model)
+    if not embeds and image_shape is None:
         return feats
     if blocks is None:
         from featurize.capture import find_blocks
 
         _, blocks = find_blocks(model)
-    x_in, y_out = probe_batch(model, embeds[0].num_embeddings, batch=batch, seq_len=seq_len, seed=seed)
+    if embeds:
+        x_in, y_out = probe_batch(model, embeds[0].num_embeddings, batch=batch, seq_len=seq_len, seed=seed)
+    else:  # an image classifier (declares ``input_shape``): Gaussian images as ``make_probe`` draws them
+        gen = torch.Generator().manual_seed(seed)
+        x_in = torch.randn((batch, *image_shape), generator=gen)                # (B, *input_shape)
+        y_out = torch.randint(0, 2**31 - 1, (batch,), generator=gen)            # (B,) classes, taken mod C
 
     ratios: list[float] = []
     stream: list[float] = []
@@ -145,7 +157,7 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
         with torch.random.fork_rng(devices=[]):
             out = model(x_in)
             logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
-            if logits is None or logits.dim() != 3 or logits.shape[-1] < 2:
+            if logits is None or logits.dim() != (3 if embeds else 2) or logits.shape[-1] < 2:
                 return feats
             loss = probe_loss(logits, y_out)
             for _, p in params:

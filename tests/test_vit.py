@@ -237,3 +237,30 @@ def test_a_vit_is_in_the_training_domain_only_of_a_predictor_that_saw_one(tmp_pa
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert not any("training domain" in w for w in out["warnings"]) and not out["outside_corpus"].get("novel_class")
+
+
+def test_init_features_of_a_vit_and_its_dead_at_init_answer(tmp_path):
+    """A classifier at a small init has near-uniform logits, so its probe loss is ln C (analytic);
+    one initialised 30× too large is over the loss limit before any update: the dead-at-init answer."""
+    import math
+
+    from risk_model.cli import app
+    from risk_model.init_features import init_features
+
+    torch.manual_seed(0)
+    vit = build_model(TINY)
+    torch.manual_seed(123)
+    want = torch.rand(2)
+    torch.manual_seed(123)
+    f = init_features(vit)
+    assert torch.equal(torch.rand(2), want)                                # the caller's RNG is left alone
+    assert f["vocab_size"] == 10 and f["init_loss"] == pytest.approx(math.log(10), abs=0.02)
+    assert math.isfinite(f["log10_grad_norm"]) and math.isfinite(f["update_ratio_mean"])
+    torch.manual_seed(0)
+    dead = build_model({**TINY, "init_std": 30.0})
+    assert init_features(dead)["init_loss"] > 50
+    res = CliRunner().invoke(app, ["predict", str(save_checkpoint(dead, tmp_path / "dead.pt")), "--json",
+                                   "--probe-seeds", "1", "--lr", "1e-3"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["dead_at_init"] is not None and "initial loss" in out["dead_at_init"]["reason"]
