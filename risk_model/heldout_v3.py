@@ -26,7 +26,8 @@ import pandas as pd
 
 from .evaluate import ECE_BINS, _fmt, auroc, brier, ece
 from .heldout import _boot_ci, paired_delta
-from .lrmodel import FEATURE_GROUPS, HORIZON_SEP, LogLRModel, LRPredictor, ladder_targets, network_table
+from .lrmodel import (FEATURE_GROUPS, HORIZON_SEP, LogLRModel, LRPredictor, ladder_targets, network_table,
+                      parent_model_id)
 from .outputs import atomic_path
 
 WITHIN = 3.0  # recommended_lr counts as right within this factor of lr_best
@@ -55,9 +56,9 @@ def horizon_ladders(runs, models):
     new = runs.loc[short, ["model_id", "steps"]].drop_duplicates("model_id")
     if new.empty:
         return runs.reset_index(drop=True), models
-    parent = new["model_id"].str.split(HORIZON_SEP).str[0]
+    parent = new["model_id"].map(parent_model_id)
     rows = models.set_index("model_id").reindex(parent.to_numpy())
-    ok = rows.index.notna() & rows["family"].notna().to_numpy()
+    ok = rows["family"].notna().to_numpy()                  # a parent missing from the models table
     rows = rows[ok].reset_index(drop=True)
     rows["model_id"] = new["model_id"].to_numpy()[ok]
     rows["steps"] = new["steps"].to_numpy()[ok]
@@ -101,7 +102,7 @@ def load_v3(corpus_dirs, *, horizons: bool = True):
     by_id = models.set_index("model_id")
     nets["source"] = by_id.loc[nets["model_id"], "source"].to_numpy()
     nets["full_ladder"] = by_id.loc[nets["model_id"], "full_ladder"].to_numpy(bool)
-    nets["parent_id"] = nets["model_id"].astype(str).str.split(HORIZON_SEP).str[0]
+    nets["parent_id"] = nets["model_id"].map(parent_model_id)
     nets = nets[~nets["dead_at_init"] & nets["model_id"].isin(set(runs["model_id"]))].reset_index(drop=True)
     runs = runs[runs["model_id"].isin(set(nets["model_id"]))].reset_index(drop=True)
     _, failed = ladder_targets(runs)

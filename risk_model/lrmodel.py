@@ -69,6 +69,11 @@ TASK_COLUMN = "task_synthetic"
 HORIZON_SEP = "@"
 
 
+def parent_model_id(model_id) -> str:
+    """The model a ladder belongs to: ``model_id`` without its ``@<steps>`` horizon."""
+    return str(model_id).split(HORIZON_SEP)[0]
+
+
 #: the recipe knobs of ``risk predict`` and the feature columns each one moves (``recipe_features``)
 KNOB_FEATURES = {
     "warmup": ("warmup_fraction",), "grad_clip": ("grad_clip",), "weight_decay": ("weight_decay",),
@@ -231,7 +236,7 @@ def network_table(models, layers, runs):
                                    task=_col(r, "task", None)))
         row.update(init_scale_features({k: m[k] for k in m.index}, float(m["d_model"])))
         row.update({c: _f(m.get(c)) for c in curvature_feature_names()})   # NaN where not measured
-        row.update(spec.get(mid, spec.get(str(mid).split(HORIZON_SEP)[0],
+        row.update(spec.get(mid, spec.get(parent_model_id(mid),
                                           {c: math.nan for c in FEATURE_GROUPS["spectral"]})))
         if mid in targets.index:
             row.update(targets.loc[mid].to_dict())

@@ -144,7 +144,10 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
         if progress and (i + 1) % 25 == 0:
             print(f"[models] {i + 1}/{len(todo)}", file=sys.stderr, flush=True)
     new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else None
-    table = have.copy() if new is None else new if not len(have) else pd.concat([have, new], ignore_index=True)
+    if new is None:
+        table = have.copy()
+    else:
+        table = pd.concat([have, new], ignore_index=True) if len(have) else new
     table = table[table["model_id"].isin(set(rows["model_id"]))].reset_index(drop=True)
     # the per-model columns always follow the runs (features are kept): a table written before a
     # rule here changed (e.g. the full-length run's steps) is brought up to date
