@@ -323,8 +323,8 @@ PredictorOpt = typer.Option(None, "--predictor", help="Predictor directory or re
 ThresholdOpt = typer.Option(0.2, "--threshold", help="P(failed) under which a learning rate counts as safe (max_safe_lr).")
 ProbeSeedsPredictOpt = typer.Option(None, "--probe-seeds", help="Profile with this many probe seeds; the answer shown is "
                                     "the seed whose max_safe_lr is the median over them, with every seed's value beside it "
-                                    "(default: 3 when the predictor reads the spectral profile, as the shipped one "
-                                    "does, else 1).")
+                                    "(default: 3 when the predictor reads the spectral profile, else 1; the shipped "
+                                    "one does not read it).")
 ScheduleOpt = typer.Option("constant", "--schedule", help="LR schedule after the warmup: constant, cosine or linear "
                            "(the training corpora hold constant only: the predictor reads it but cannot tell its effect).")
 Beta2Opt = typer.Option(None, "--beta2", help="Optimizer β2 (default: the corpus trainer's, AdamW 0.95, Lion 0.99; "
@@ -711,7 +711,7 @@ def train_cmd(
     Labels: labels.failed (and the paper's diverged) per run, labels.ladder_summary per ladder. Several
     --corpus are pooled; a full-ladder corpus (corpus-v3) also gives a ladder per shorter horizon it
     was read at. The feature groups are chosen by the ablation unless --groups is given. Retraining
-    the shipped predictor is this one command (about 30 minutes on 2 busy cores).
+    the shipped predictor is this one command (about 10 minutes on 2 idle cores, 40 beside a sweep).
 
     Example: risk train --corpus datasets/corpus-v2 --corpus datasets/corpus-v3 --out models/default --replace
     """
