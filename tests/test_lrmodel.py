@@ -257,3 +257,32 @@ def test_scale_slopes_come_from_the_ladders_that_vary_them():
     j = both.linear_columns_.index("ln_d_model")
     assert both.cov_[j, j] > pooled.cov_[j, j]
     assert LogLRModel.from_dict(both.to_dict()).ladder_axes_ == ["ln_d_model"]
+
+
+def test_a_horizon_read_at_two_values_sets_the_horizon_exponent():
+    """Ladder networks read at two horizons (300 and 3000 steps, as a 3000-step corpus-v3 model and
+    its 300-step horizon) with ln lr_fail = −0.5·ln steps, beside a large corpus at 300 steps only
+    whose level differs: the horizon slope is the ladders' −0.5. Pooled it is not identified by a
+    within-architecture contrast and comes out elsewhere."""
+    rng = np.random.default_rng(11)
+    rows, crit = [], []
+    for i in range(500):
+        ladder = i < 100
+        steps = float(rng.choice([300, 3000])) if ladder else 300.0
+        d = float(rng.choice([32, 64, 128]))
+        ln = -0.5 * math.log(steps / 300) - 4.0 + (0.0 if ladder else -1.5) + rng.logistic(0, 0.2)
+        rows.append(recipe_features(optimizer="adamw", warmup=0, steps=steps, grad_clip=0, weight_decay=0,
+                                    batch_size=16, d_model=d, n_layers=2))
+        crit.append(math.exp(ln))
+    X = pd.DataFrame(rows)
+    crit = np.array(crit)
+    lo = np.array([RUNGS[RUNGS < c].max() for c in crit])
+    hi = np.array([RUNGS[RUNGS >= c].min() for c in crit])
+    sr = np.arange(len(X)) < 100
+    kw = dict(groups=(), n_estimators=0, n_splits=3)
+    m = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4, slope_rows=sr)
+    pooled = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4)
+    c, cp = dict(zip(m.linear_columns_, m.coef_)), dict(zip(pooled.linear_columns_, pooled.coef_))
+    assert "ln_steps" in m.ladder_axes_
+    assert c["ln_steps"] == pytest.approx(-0.5, abs=0.15)
+    assert cp["ln_steps"] > -0.3                      # the large corpus's lower level at 300 steps pulls it up
