@@ -335,6 +335,19 @@ def largest_split(nets, rule) -> tuple[np.ndarray, np.ndarray]:
     return small & ~parent.isin(set(parent[~small])).to_numpy(), small
 
 
+def largest_fit_sets(nets, rule) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({protocol: fit mask}, small) of one split (``LARGEST_PROTOCOLS``): *strict* is
+    ``largest_split``'s fit, *as defined* all of ``small``; a protocol whose mask is empty, covers
+    every network or equals the strict one is left out."""
+    strict, small = largest_split(nets, rule)
+    sets = {}
+    for (protocol, _), tr in zip(LARGEST_PROTOCOLS, (strict, small)):
+        if tr.all() or not tr.any() or (protocol != "strict" and (tr == strict).all()):
+            continue
+        sets[protocol] = tr
+    return sets, small
+
+
 def leave_largest_out(nets, runs, groups, *, n_boot=1000, seed=0, **model_kw) -> list[dict]:
     """Fit on the narrower / shorter / shallower networks (``LARGEST_SPLITS``) and score the rest,
     v3 form (linear scale part + trees) against the v2 form (trees only), under two protocols
@@ -344,10 +357,8 @@ def leave_largest_out(nets, runs, groups, *, n_boot=1000, seed=0, **model_kw) ->
     scored 3000-step model are fitted on as the ladders they are; its 3000-step outcome is not."""
     rows = []
     for axis, fit_on, scored, rule in LARGEST_SPLITS:
-        strict, small = largest_split(nets, rule)
-        for (protocol, _), tr in zip(LARGEST_PROTOCOLS, (strict, small)):
-            if tr.all() or not tr.any() or (protocol != "strict" and (tr == strict).all()):
-                continue
+        sets, small = largest_fit_sets(nets, rule)
+        for protocol, tr in sets.items():
             for form, scale_part in (("v3: linear scale part + trees", True), ("v2 form: trees only", False)):
                 pred = heldout_predictions(nets, runs, groups, split=[(axis, tr)], scale_part=scale_part, **model_kw)
                 m = metrics(nets, runs, pred, mask_nets=~small, n_boot=n_boot, seed=seed)

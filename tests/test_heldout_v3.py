@@ -104,7 +104,7 @@ def test_evaluate_refuses_a_corpus_without_ladders_beside_a_full_ladder_one(pool
 
 
 def test_leave_largest_out_never_fits_on_a_scored_models_shorter_horizons():
-    from risk_model.heldout_v3 import LARGEST_PROTOCOLS, LARGEST_SPLITS, largest_split
+    from risk_model.heldout_v3 import LARGEST_SPLITS, largest_fit_sets, largest_split
 
     nets = pd.DataFrame(dict(model_id=["a", "a@300", "a@1000", "b", "b@300", "c"],
                              parent_id=["a", "a", "a", "b", "b", "c"],
@@ -115,4 +115,5 @@ def test_leave_largest_out_never_fits_on_a_scored_models_shorter_horizons():
     assert small.tolist() == [False, True, True, False, False, True]
     assert fit.tolist() == [False, False, False, False, False, True]   # only c: a and b are scored
     # the "as defined" protocol fits on every ladder inside the rule: a's 300- and 1000-step horizons too
-    assert [k for k, _ in LARGEST_PROTOCOLS] == ["strict", "as defined"]
+    sets, _ = largest_fit_sets(nets, rule)
+    assert {k: v.tolist() for k, v in sets.items()} == {"strict": fit.tolist(), "as defined": small.tolist()}

@@ -225,6 +225,20 @@ def test_a_model_saved_without_the_task_term_loads_and_predicts_as_saved(fitted)
     np.testing.assert_allclose(old.predict_log_lr(_net(96))["mu"], v3.predict_log_lr(_net(96))["mu"], rtol=1e-12)
 
 
+def _fit_with_and_without_ladders(rows, crit, n_ladder):
+    """Fit a linear-only LogLRModel on networks ``rows`` with lr_fail ``crit`` bracketed by RUNGS,
+    with the first ``n_ladder`` rows as ``slope_rows`` and without; returns both and their coefs."""
+    X = pd.DataFrame(rows)
+    crit = np.array(crit)
+    lo = np.array([RUNGS[RUNGS < c].max() for c in crit])
+    hi = np.array([RUNGS[RUNGS >= c].min() for c in crit])
+    sr = np.arange(len(X)) < n_ladder
+    kw = dict(groups=(), n_estimators=0, n_splits=3)
+    both = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4, slope_rows=sr)
+    pooled = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4)
+    return both, pooled, dict(zip(both.linear_columns_, both.coef_)), dict(zip(pooled.linear_columns_, pooled.coef_))
+
+
 def test_scale_slopes_come_from_the_ladders_that_vary_them():
     """A large corpus whose lr_fail ignores width (as corpus-v2's relabelled boundary nearly does)
     and a small ladder corpus where ln lr_fail = −1·ln d: the pooled fit is pulled towards 0; with
@@ -240,15 +254,7 @@ def test_scale_slopes_come_from_the_ladders_that_vary_them():
         rows.append(recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0,
                                     batch_size=16, d_model=d, n_layers=L))
         crit.append(math.exp(ln))
-    X = pd.DataFrame(rows)
-    crit = np.array(crit)
-    lo = np.array([RUNGS[RUNGS < c].max() for c in crit])
-    hi = np.array([RUNGS[RUNGS >= c].min() for c in crit])
-    sr = np.arange(len(X)) < 120
-    kw = dict(groups=(), n_estimators=0, n_splits=3)
-    both = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4, slope_rows=sr)
-    pooled = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4)
-    c2, c1 = dict(zip(both.linear_columns_, both.coef_)), dict(zip(pooled.linear_columns_, pooled.coef_))
+    both, pooled, c2, c1 = _fit_with_and_without_ladders(rows, crit, 120)
     assert both.ladder_axes_ == ["ln_d_model"]
     assert c2["ln_d_model"] == pytest.approx(-1.0, abs=0.2)               # the prior (sd 0.5) shrinks a little
     assert c1["ln_d_model"] > -0.6                                        # pulled towards the large corpus's 0
@@ -274,15 +280,7 @@ def test_a_horizon_read_at_two_values_sets_the_horizon_exponent():
         rows.append(recipe_features(optimizer="adamw", warmup=0, steps=steps, grad_clip=0, weight_decay=0,
                                     batch_size=16, d_model=d, n_layers=2))
         crit.append(math.exp(ln))
-    X = pd.DataFrame(rows)
-    crit = np.array(crit)
-    lo = np.array([RUNGS[RUNGS < c].max() for c in crit])
-    hi = np.array([RUNGS[RUNGS >= c].min() for c in crit])
-    sr = np.arange(len(X)) < 100
-    kw = dict(groups=(), n_estimators=0, n_splits=3)
-    m = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4, slope_rows=sr)
-    pooled = LogLRModel(**kw).fit(X, lo, hi, groups=np.arange(len(X)) % 4)
-    c, cp = dict(zip(m.linear_columns_, m.coef_)), dict(zip(pooled.linear_columns_, pooled.coef_))
+    m, _, c, cp = _fit_with_and_without_ladders(rows, crit, 100)
     assert "ln_steps" in m.ladder_axes_
     assert c["ln_steps"] == pytest.approx(-0.5, abs=0.15)
     assert cp["ln_steps"] > -0.3                      # the large corpus's lower level at 300 steps pulls it up
