@@ -165,8 +165,8 @@ def full_ladder_markdown(runs: pd.DataFrame) -> str:
     fam = longest.groupby(["family", "optimizer"]).agg(
         models=("model_id", "size"), lr_best_q10_50_90=("lr_best", q),
         lr_fail_min_q10_50_90=("lr_fail_min", q),
-        fail_over_best_median=("lr_fail_min", lambda x: float(np.nanmedian(
-            (x / longest.loc[x.index, "lr_best"]).to_numpy())) if x.notna().any() else float("nan")),
+        fail_over_best_median=("lr_fail_min", lambda x: float(f"{np.nanmedian((x / longest.loc[x.index, 'lr_best']).to_numpy()):.3g}")
+                               if x.notna().any() else float("nan")),
     ).reset_index()
     out.append("**Per class: spread of lr_best and lr_fail_min (longest horizon, 10% / 50% / 90%)**\n\n"
                + _table(fam))

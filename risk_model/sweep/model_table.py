@@ -137,12 +137,16 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
     path = corpus / MODELS
     have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["model_id"])
     todo = rows[~rows["model_id"].isin(set(have["model_id"]))]
-    torch.set_num_threads(1)
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(1)                     # features must not depend on the thread count
     feats = []
-    for i, (_, r) in enumerate(todo.iterrows()):
-        feats.append({"model_id": r["model_id"], **features_of(r)})
-        if progress and (i + 1) % 25 == 0:
-            print(f"[models] {i + 1}/{len(todo)}", file=sys.stderr, flush=True)
+    try:
+        for i, (_, r) in enumerate(todo.iterrows()):
+            feats.append({"model_id": r["model_id"], **features_of(r)})
+            if progress and (i + 1) % 25 == 0:
+                print(f"[models] {i + 1}/{len(todo)}", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(before_threads)    # library code leaves the caller's setting alone
     new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else None
     if new is None:
         table = have.copy()
