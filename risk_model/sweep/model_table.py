@@ -94,9 +94,8 @@ def curvature_of(row: pd.Series) -> dict:
 def add_curvature(corpus: str | Path, progress: bool = True, every: int = 25) -> pd.DataFrame:
     """Fill the curvature columns of ``corpus/models.parquet`` for the models that lack them
     (resumable: the table is written atomically every ``every`` models)."""
-    import torch
-
     from ..init_features import curvature_feature_names
+    from ..serve import single_threaded
     from .runner import write_parquet_atomic
 
     path = Path(corpus) / MODELS
@@ -106,9 +105,7 @@ def add_curvature(corpus: str | Path, progress: bool = True, every: int = 25) ->
         if c not in table.columns:
             table[c] = math.nan
     todo = [i for i in table.index if not math.isfinite(float(table.at[i, "seconds_line"]))]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         for k, i in enumerate(todo):
             row = table.loc[i]
             feats = curvature_of(row) if not bool(row.get("dead_at_init", False)) else {}
@@ -120,15 +117,12 @@ def add_curvature(corpus: str | Path, progress: bool = True, every: int = 25) ->
                 write_parquet_atomic(table, path, "models")
                 if progress:
                     print(f"[curvature] {k + 1}/{len(todo)}", file=sys.stderr, flush=True)
-    finally:
-        torch.set_num_threads(before)
     return table
 
 
 def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame:
     """Compute (or extend) ``corpus/models.parquet``; returns the table."""
-    import torch
-
+    from ..serve import single_threaded
     from .runner import load_corpus, write_parquet_atomic
 
     corpus = Path(corpus)
@@ -137,16 +131,12 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
     path = corpus / MODELS
     have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["model_id"])
     todo = rows[~rows["model_id"].isin(set(have["model_id"]))]
-    before_threads = torch.get_num_threads()
-    torch.set_num_threads(1)                     # features must not depend on the thread count
     feats = []
-    try:
+    with single_threaded():                      # features must not depend on the thread count
         for i, (_, r) in enumerate(todo.iterrows()):
             feats.append({"model_id": r["model_id"], **features_of(r)})
             if progress and (i + 1) % 25 == 0:
                 print(f"[models] {i + 1}/{len(todo)}", file=sys.stderr, flush=True)
-    finally:
-        torch.set_num_threads(before_threads)    # library code leaves the caller's setting alone
     new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else None
     if new is None:
         table = have.copy()
