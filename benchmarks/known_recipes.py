@@ -1,5 +1,5 @@
 """Known recipes: what `risk predict` answers for GPT-2 at init under llm.c's published recipe
-(AdamW, warmup 700, 18,865 steps, batch 512, clip 1.0, weight decay 0.1, cosine decay; trained at
+(AdamW, warmup 700, 18,865 steps, batch 512 of 1024 tokens, clip 1.0, weight decay 0.1, cosine decay; trained at
 6e-4), across GPT-2 sizes at that one recipe.
 
 Targets (issue 20): P(failed) at 6e-4 < 0.2; max_safe_lr in [6e-4, 2e-2]; max_safe_lr falls as the
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results" / "known_recipes.json"
 SIZES = {"gpt2 (124M)": (768, 12, 12), "gpt2-medium (350M)": (1024, 24, 16), "gpt2-large (774M)": (1280, 36, 20)}
-RECIPE = dict(optimizer="adamw", warmup=700, steps=18865, batch_size=512, grad_clip=1.0, weight_decay=0.1,
+RECIPE = dict(optimizer="adamw", warmup=700, steps=18865, batch_size=512, seq_len=1024, grad_clip=1.0,
+              weight_decay=0.1,
               schedule="cosine", beta2=0.95, eps=1e-8)
 LR = 6e-4
 #: name: (builder, published recipe with its lr); sources: karpathy/nanoGPT config/train_shakespeare_char.py,
@@ -34,13 +35,13 @@ LR = 6e-4
 PUBLISHED = {
     "nanoGPT shakespeare-char (d 384, 6 layers)": ("gpt2", dict(n_embd=384, n_layer=6, n_head=6, vocab_size=65,
                                                              n_positions=256),
-                                                  dict(optimizer="adamw", warmup=100, steps=5000, batch_size=64,
+                                                  dict(optimizer="adamw", warmup=100, steps=5000, batch_size=64, seq_len=256,
                                                        grad_clip=1.0, weight_decay=0.1, schedule="cosine", beta2=0.99,
                                                        eps=1e-8, lr=1e-3)),
     "Pythia-160M (GPT-NeoX, d 768, 12 layers)": ("neox", dict(hidden_size=768, num_hidden_layers=12,
                                                                num_attention_heads=12, intermediate_size=3072,
                                                                vocab_size=50304),
-                                                  dict(optimizer="adamw", warmup=1430, steps=143000, batch_size=1024,
+                                                  dict(optimizer="adamw", warmup=1430, steps=143000, batch_size=1024, seq_len=2048,
                                                        grad_clip=1.0, weight_decay=0.01, schedule="cosine",
                                                        beta2=0.95, eps=1e-8, lr=6e-4)),
 }

@@ -184,6 +184,9 @@ def _make_hf_callback():
             The failure detector; the shipped one when omitted.
         detect_every : int, default 10
             Lightning only (the HF callback reads every training log).
+        seq_len : int, optional
+            Tokens per training sequence (the Trainer does not know it); the training corpus's
+            median when omitted, and the pre-flight result says it assumed it.
 
         Attributes
         ----------
@@ -193,10 +196,11 @@ def _make_hf_callback():
         """
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
-                     blocks=None, input_shape=None, spectral=True, detector=None, detect_every=10):
+                     blocks=None, input_shape=None, spectral=True, detector=None, detect_every=10, seq_len=None):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
                              blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
                              detect_every=detect_every)
+            self.seq_len = seq_len
             self.trainer = None
             self._said_unattached = False
 
@@ -244,7 +248,7 @@ def _make_hf_callback():
                 return
             metrics = self._begin(model, stop_allowed=state.global_step == 0, assumed=assumed, lr=lr,
                                   optimizer=name or str(getattr(args, "optim", None)), warmup=warmup,
-                                  batch_size=batch, steps=steps, grad_clip=clip,
+                                  batch_size=batch, seq_len=self.seq_len, steps=steps, grad_clip=clip,
                                   weight_decay=getattr(args, "weight_decay", None))
             self._report(metrics, state.global_step)
 
@@ -297,16 +301,19 @@ def _make_lightning_callback():
             As for ``RiskCallback``.
         detect_every : int, default 10
         warmup, batch_size : float, optional
+        seq_len : int, optional
+            Tokens per training sequence; the training corpus's median when omitted.
         """
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
-                     blocks=None, input_shape=None, warmup=None, batch_size=None, spectral=True, detector=None,
-                     detect_every=10):
+                     blocks=None, input_shape=None, warmup=None, batch_size=None, seq_len=None, spectral=True,
+                     detector=None, detect_every=10):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
                              blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
                              detect_every=detect_every)
             self.warmup = warmup
             self.batch_size = batch_size
+            self.seq_len = seq_len
             self._last_step = None
             self._grad_norm = None
 
@@ -339,7 +346,8 @@ def _make_lightning_callback():
                 return
             metrics = self._begin(pl_module, stop_allowed=trainer.global_step == 0, assumed=assumed,
                                   lr=_peak_lr(opt), optimizer=opt if opt is not None else None,
-                                  warmup=self.warmup, batch_size=self.batch_size, steps=steps, grad_clip=clip)
+                                  warmup=self.warmup, batch_size=self.batch_size, seq_len=self.seq_len, steps=steps,
+                                  grad_clip=clip)
             self._last_step = trainer.global_step
             self._report(trainer, metrics)
 

@@ -317,7 +317,8 @@ LrOpt = typer.Option(None, "--lr", help="A learning rate to get P(failed) and P(
                      "Without it: the recommended and the largest safe learning rate only.")
 OptimizerOpt = typer.Option("adamw", "--optimizer", help="Training optimizer: adamw, lion or sgd.")
 WarmupOpt = typer.Option(None, "--warmup", help="Warmup steps (default: the training corpus's median).")
-BatchOpt = typer.Option(None, "--batch-size", help="Batch size (default: the training corpus's median).")
+BatchOpt = typer.Option(None, "--batch-size", help="Sequences per optimizer step, accumulation included (default: the training corpus's median).")
+SeqLenOpt = typer.Option(None, "--seq-len", help="Tokens per training sequence (default: the training corpus's median).")
 StepsOpt = typer.Option(None, "--steps", help="Training steps (default: the training corpus's median).")
 PredictorOpt = typer.Option(None, "--predictor", help="Predictor directory or registered MLflow model URI (models:/NAME@ALIAS); default: the shipped one in models/.")
 ThresholdOpt = typer.Option(0.2, "--threshold", help="P(failed) under which a learning rate counts as safe (max_safe_lr).")
@@ -339,9 +340,9 @@ def _check_at_least(minimum: float, **options) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {v:g}")
 
 
-def _check_run_config(warmup, batch_size, steps) -> None:
+def _check_run_config(warmup, batch_size, steps, seq_len=None) -> None:
     _check_at_least(0, warmup=warmup)
-    _check_at_least(1, batch_size=batch_size, steps=steps)
+    _check_at_least(1, batch_size=batch_size, steps=steps, seq_len=seq_len)
 
 
 def _check_lrs(lrs: Optional[list[float]]) -> list[float]:
@@ -353,12 +354,12 @@ def _check_lrs(lrs: Optional[list[float]]) -> list[float]:
 
 
 def _request(*, lr, optimizer, warmup, batch_size, steps, threshold, clip=None, weight_decay=None,
-             schedule="constant", beta2=None, eps=None):
+             schedule="constant", beta2=None, eps=None, seq_len=None):
     """The parsed options as a ``serve.Request``, every value checked at the boundary."""
     from risk_model.serve import SCHEDULES, Request
 
     lrs = _check_lrs(lr)
-    _check_run_config(warmup, batch_size, steps)
+    _check_run_config(warmup, batch_size, steps, seq_len)
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
     for name, v in (("--clip", clip), ("--weight-decay", weight_decay)):
@@ -370,7 +371,7 @@ def _request(*, lr, optimizer, warmup, batch_size, steps, threshold, clip=None, 
         raise UsageError(f"--beta2 must be in [0, 1), got {beta2}")
     if eps is not None and not (math.isfinite(eps) and eps > 0):
         raise UsageError(f"--eps must be a positive number, got {eps}")
-    return Request(lrs=lrs, optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
+    return Request(lrs=lrs, optimizer=optimizer, warmup=warmup, batch_size=batch_size, seq_len=seq_len, steps=steps,
                    threshold=threshold, grad_clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2,
                    eps=eps)
 
@@ -490,6 +491,7 @@ def predict_cmd(
     optimizer: str = OptimizerOpt,
     warmup: Optional[int] = WarmupOpt,
     batch_size: Optional[int] = BatchOpt,
+    seq_len: Optional[int] = SeqLenOpt,
     steps: Optional[int] = StepsOpt,
     clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clipping of the run (0: none; default none)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay of the run (default 0)."),
@@ -522,7 +524,8 @@ def predict_cmd(
     from risk_model.serve import single_threaded
 
     request = _request(lr=lr, optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
-                       threshold=threshold, clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2, eps=eps)
+                       threshold=threshold, clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2, eps=eps,
+                       seq_len=seq_len)
     _check_at_least(1, probe_seeds=probe_seeds)
     _check_output_path(plot, ".png")
     bundle = _load_predictor(predictor)
@@ -560,6 +563,7 @@ def score_cmd(
     optimizer: str = OptimizerOpt,
     warmup: Optional[int] = WarmupOpt,
     batch_size: Optional[int] = BatchOpt,
+    seq_len: Optional[int] = SeqLenOpt,
     steps: Optional[int] = StepsOpt,
     clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clipping of the run (0: none; default none)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay of the run (default 0)."),
@@ -583,7 +587,8 @@ def score_cmd(
     from risk_model import tracking
 
     request = _request(lr=lr, optimizer=optimizer, warmup=warmup, batch_size=batch_size, steps=steps,
-                       threshold=threshold, clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2, eps=eps)
+                       threshold=threshold, clip=clip, weight_decay=weight_decay, schedule=schedule, beta2=beta2, eps=eps,
+                       seq_len=seq_len)
     _check_at_least(1, probe_seeds=probe_seeds)
     if (model_uri is None) == (all_versions is None):
         raise UsageError("give exactly one of MODEL_URI or --all NAME")

@@ -48,8 +48,10 @@ OPTIMIZERS = ("adamw", "lion", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 #: the scale axes of the linear part: (feature column, recipe key)
 SCALE_AXES = (("ln_d_model", "d_model"), ("ln_n_layers", "n_layers"), ("ln_steps", "steps"),
-              ("ln_batch_size", "batch_size"))
+              ("ln_batch_size", "batch_size"), ("ln_seq_len", "seq_len"))
 SCALE_COLUMNS = [c for c, _ in SCALE_AXES]
+#: the scale axes of predictors saved before the sequence axis (their ``scale_axes``)
+LEGACY_SCALE_COLUMNS = SCALE_COLUMNS[:4]
 #: optimizer hyper-parameters of the corpus-v2 trainer (``sweep/trainer.py``): AdamW β2 0.95, eps
 #: torch's 1e-8; Lion β2 0.99, no eps; SGD neither. Used when a corpus has no such column.
 CORPUS_BETA2 = {"adamw": 0.95, "lion": 0.99}
@@ -66,6 +68,8 @@ MIN_LADDER_VALUES = 2
 #: real data (term 0): corpus-v2, synthetic only, then still teaches the architecture and optimizer
 #: effects while real data set the level.
 SYNTHETIC_TASKS = ("assoc_recall", "synthetic_lm")
+#: the corpus tasks on images (``sweep.tasks`` reads them here): a sequence length does not apply
+IMAGE_TASKS = ("digits",)
 TASK_COLUMN = "task_synthetic"
 #: a ladder read at a shorter horizon than its runs' full length has the id ``<model_id>@<steps>``
 #: (``heldout_v3.horizon_ladders``); its init-time profile is its model's
@@ -125,10 +129,13 @@ def _f(v) -> float:
 def recipe_features(*, optimizer: str, warmup: float, steps: float, grad_clip: float, weight_decay: float,
                     batch_size: float, d_model: float, n_layers: float, schedule: str = "constant",
                     beta2: float | None = None, eps: float | None = None,
-                    task: str | None = None) -> dict[str, float]:
+                    task: str | None = None, seq_len: float | None = None) -> dict[str, float]:
     """The scale columns and the dimensionless config features of a recipe.
 
     ``task`` None: real data (``TASK_COLUMN`` 0), the case of every user's network.
+
+    ``seq_len``: tokens per training sequence (batch counts sequences); None: unknown (NaN, which
+    the model places at the corpus centre and serving flags).
 
     ``beta2``/``eps`` None: the corpus trainer's value for the optimizer (``CORPUS_BETA2``,
     ``CORPUS_EPS``; NaN where the optimizer has none).
@@ -149,7 +156,7 @@ def recipe_features(*, optimizer: str, warmup: float, steps: float, grad_clip: f
                log10_one_minus_beta2=math.log10(1 - b2) if math.isfinite(b2) and b2 < 1 else math.nan,
                log10_eps=math.log10(e) if math.isfinite(e) and e > 0 else math.nan)
     for col, key in SCALE_AXES:
-        v = _f(dict(d_model=d_model, n_layers=n_layers, steps=steps, batch_size=batch_size)[key])
+        v = _f(dict(d_model=d_model, n_layers=n_layers, steps=steps, batch_size=batch_size, seq_len=seq_len)[key])
         out[col] = math.log(v) if math.isfinite(v) and v > 0 else math.nan
     return out
 
@@ -213,6 +220,15 @@ def _col(row, key, default=math.nan):
     return default if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
+def _seq_len(model_row, run_row):
+    """Tokens per sequence of a corpus network; None for an image task (its patches, not
+    ``seq_len``, are the tokens)."""
+    if str(_col(run_row, "task", "")) in IMAGE_TASKS:
+        return None
+    v = _col(run_row, "seq_len", None)
+    return _col(model_row, "seq_len", None) if v is None else v
+
+
 def network_table(models, layers, runs):
     """One row per network of a ladder corpus: ids, family, the v3 targets (``ladder_targets``) and
     every feature (scale columns + ``FEATURE_GROUPS``). Reads ``schedule``, ``beta2``, ``eps`` when
@@ -231,12 +247,13 @@ def network_table(models, layers, runs):
         opt = str(m["optimizer"])
         row = dict(model_id=mid, family=m["family"], norm=m.get("norm"), optimizer=opt,
                    dead_at_init=bool(m["dead_at_init"]), d_model=float(m["d_model"]),
-                   n_layers=float(m["n_layers"]), steps=float(m["steps"]), batch_size=float(m["batch_size"]))
+                   n_layers=float(m["n_layers"]), steps=float(m["steps"]), batch_size=float(m["batch_size"]),
+                   seq_len=_f(_seq_len(m, r)))
         row.update(recipe_features(optimizer=opt, warmup=m["warmup"], steps=m["steps"], grad_clip=m["grad_clip"],
                                    weight_decay=m["weight_decay"], batch_size=m["batch_size"], d_model=m["d_model"],
                                    n_layers=m["n_layers"], schedule=str(_col(r, "schedule", "constant")),
                                    beta2=_col(r, "beta2", None), eps=_col(r, "eps", None),
-                                   task=_col(r, "task", None)))
+                                   task=_col(r, "task", None), seq_len=row["seq_len"]))
         row.update(init_scale_features({k: m[k] for k in m.index}, float(m["d_model"])))
         row.update({c: _f(m.get(c)) for c in curvature_feature_names()})   # NaN where not measured
         row.update(spec.get(mid, spec.get(parent_model_id(mid),
@@ -289,6 +306,8 @@ class LogLRModel:
         A linear term for a synthetic task (``TASK_COLUMN``, prior sd ``task_prior_sd``); served
         at 0 (real data). False: the form of predictors saved before it existed.
     task_prior_sd : prior sd of the task term (ln units)
+    scale_axes : the scale columns of the linear part (``SCALE_COLUMNS``; predictors saved before
+        the sequence axis load with ``LEGACY_SCALE_COLUMNS``)
     n_estimators, max_depth, learning_rate, min_child_weight, subsample : booster settings
     aft_scale : the AFT noise scale the trees are fitted with (the served scale is ``scale_``)
     n_backfit : rounds of (linear | trees) backfitting
@@ -305,13 +324,14 @@ class LogLRModel:
     """
 
     def __init__(self, groups=("config", "forward", "gradient"), *, scale_part=True, slope_prior_sd=0.5,
-                 task_term=True, task_prior_sd=2.0, n_estimators=100, max_depth=2, learning_rate=0.05,
-                 min_child_weight=5.0, subsample=0.8, aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
+                 task_term=True, task_prior_sd=2.0, scale_axes=tuple(SCALE_COLUMNS), n_estimators=100, max_depth=2,
+                 learning_rate=0.05, min_child_weight=5.0, subsample=0.8, aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
         self.groups = groups
         self.scale_part = scale_part
         self.slope_prior_sd = slope_prior_sd
         self.task_term = task_term
         self.task_prior_sd = task_prior_sd
+        self.scale_axes = scale_axes
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -322,17 +342,18 @@ class LogLRModel:
         self.n_splits = n_splits
         self.random_state = random_state
 
-    PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "n_estimators", "max_depth",
+    PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "scale_axes", "n_estimators",
+              "max_depth",
               "learning_rate", "min_child_weight", "subsample", "aft_scale", "n_backfit", "n_splits", "random_state")
 
     def get_params(self) -> dict:
-        return {k: (list(getattr(self, k)) if k == "groups" else getattr(self, k)) for k in self.PARAMS}
+        return {k: (list(getattr(self, k)) if k in ("groups", "scale_axes") else getattr(self, k)) for k in self.PARAMS}
 
     # ------------------------------------------------------------------ matrices
     @property
     def linear_columns_(self) -> list[str]:
         return ([f"opt_{o}" for o in OPTIMIZERS] + ([TASK_COLUMN] if self.task_term else [])
-                + (SCALE_COLUMNS if self.scale_part else []))
+                + (list(self.scale_axes) if self.scale_part else []))
 
     def _columns(self, X, names) -> np.ndarray:
         n = len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
@@ -401,7 +422,7 @@ class LogLRModel:
         with at least ``MIN_LADDER_VALUES`` distinct values there."""
         if slope_rows is None or not np.any(slope_rows):
             return []
-        return [j for j, c in enumerate(self.linear_columns_) if c in SCALE_COLUMNS
+        return [j for j, c in enumerate(self.linear_columns_) if c in self.scale_axes
                 and len(np.unique(np.round(Z[slope_rows, j], 9))) >= MIN_LADDER_VALUES]
 
     def _fit_scale(self, Z, offset, lo, hi, slope_rows):
@@ -454,13 +475,14 @@ class LogLRModel:
         if not keep.all():
             raise ValueError("lr_low/lr_high must not both be NaN: drop networks without a target")
         tree = [c for g in self.groups for c in FEATURE_GROUPS[g]]
-        self.tree_features_ = tree + ([] if self.scale_part else SCALE_COLUMNS)
+        self.tree_features_ = tree + ([] if self.scale_part else list(self.scale_axes))
         self.feature_names_ = self.linear_columns_ + [c for c in self.tree_features_ if c not in self.linear_columns_]
         Zraw = self._columns(X, self.linear_columns_)
         # one-hots and the task term are not centred: 0 is the optimizer's real-data level
         uncentred = np.isin(self.linear_columns_, [f"opt_{o}" for o in OPTIMIZERS] + [TASK_COLUMN])
-        self.design_center_ = np.where(uncentred, 0.0, np.nanmean(Zraw, axis=0))
-        self.design_center_ = np.nan_to_num(self.design_center_)
+        seen = np.isfinite(Zraw).sum(axis=0)   # an axis with no value (no sequence length given) centres at 0
+        mean = np.where(seen > 0, np.nansum(Zraw, axis=0) / np.maximum(seen, 1), 0.0)
+        self.design_center_ = np.where(uncentred, 0.0, mean)
         Z = self._design(X)
         U = self._columns(X, self.tree_features_)
         g = np.arange(len(Z)) if groups is None else np.asarray(groups)
@@ -527,6 +549,7 @@ class LogLRModel:
         p = dict(d["params"])
         p["groups"] = tuple(p["groups"])
         p.setdefault("task_term", False)  # saved before the task term existed
+        p["scale_axes"] = tuple(p.get("scale_axes", LEGACY_SCALE_COLUMNS))  # saved before the sequence axis
         m = cls(**p)
         m.feature_names_, m.tree_features_ = list(d["feature_names"]), list(d["tree_features"])
         m.coef_, m.cov_ = np.asarray(d["coef"], float), np.asarray(d["cov"], float)

@@ -211,7 +211,10 @@ class RiskMonitor:
         Optimizer name ("adamw", "sgd", "lion"; HF names such as "adamw_torch" are understood) or
         the optimizer itself. An unknown one is assumed to be AdamW, and ``assumptions_`` says so.
     warmup, batch_size, steps : float, optional
-        Warmup steps, batch size and total steps; the training corpus's medians when omitted.
+        Warmup steps, batch size (sequences per optimizer step) and total steps; the training
+        corpus's medians when omitted.
+    seq_len : int, optional
+        Tokens per training sequence; the training corpus's median when omitted.
     grad_clip, weight_decay : float, optional
         Passed on to predictors that read them.
     threshold : float, default 0.5
@@ -244,7 +247,7 @@ class RiskMonitor:
     """
 
     def __init__(self, model, *, lr=None, optimizer="adamw", warmup=None, batch_size=None, steps=None,
-                 grad_clip=None, weight_decay=None, threshold=0.5, every=50, n_samples=256, rank=32,
+                 seq_len=None, grad_clip=None, weight_decay=None, threshold=0.5, every=50, n_samples=256, rank=32,
                  predictor=None, blocks=None, input_shape=None, seed=0, action="warn", detector=None):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
@@ -258,6 +261,7 @@ class RiskMonitor:
         self.optimizer = optimizer
         self.warmup = warmup
         self.batch_size = batch_size
+        self.seq_len = seq_len
         self.steps = steps
         self.grad_clip = grad_clip
         self.weight_decay = weight_decay
@@ -301,8 +305,8 @@ class RiskMonitor:
 
         return make_request(lrs=[] if lr is None else [float(lr)], width=infer_width(self.model),
                             optimizer=self._optimizer_name, warmup=self.warmup, batch_size=self.batch_size,
-                            steps=self.steps, grad_clip=self.grad_clip, weight_decay=self.weight_decay,
-                            threshold=self.threshold)
+                            seq_len=self.seq_len, steps=self.steps, grad_clip=self.grad_clip,
+                            weight_decay=self.weight_decay, threshold=self.threshold)
 
     def check(self) -> dict:
         """Profile the network at its current weights and assess it exactly as ``risk predict`` does
@@ -324,7 +328,8 @@ class RiskMonitor:
         from .serve import Request, assess_network  # the function `risk predict` calls
 
         req = Request(lrs=[] if self.lr is None else [float(self.lr)], optimizer=self._optimizer_name,
-                      warmup=self.warmup, batch_size=self.batch_size, steps=self.steps, threshold=self.threshold,
+                      warmup=self.warmup, batch_size=self.batch_size, seq_len=self.seq_len, steps=self.steps,
+                      threshold=self.threshold,
                       grad_clip=self.grad_clip, weight_decay=self.weight_decay)
         with self._rng_kept():
             out = assess_network(self.model, bundle=self.bundle(), request=req, blocks=self.blocks,

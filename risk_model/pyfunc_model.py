@@ -3,7 +3,8 @@
 Logged by ``risk_model.tracking.log_training`` with the predictor bundle (JSON + XGBoost JSON) as
 the artifact ``predictor``. Input: a DataFrame with one row per network (and learning rate): the
 v3 feature columns (``lrmodel.FEATURE_GROUPS`` and the scale columns ``ln_d_model``,
-``ln_n_layers``, ``ln_steps``, ``ln_batch_size``, as ``serve.network_features`` builds them) and
+``ln_n_layers``, ``ln_steps``, ``ln_batch_size``, ``ln_seq_len``, as ``serve.network_features``
+builds them; a predictor saved before the sequence axis ignores ``ln_seq_len``) and
 ``lr``. Output: ``p_failed``, ``p_divergence``, ``risk``, ``max_safe_lr`` and ``recommended_lr``
 per row, from ``serve.predict_table`` — the model call ``risk predict`` makes.
 """

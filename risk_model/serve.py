@@ -210,7 +210,8 @@ class Request:
     width: int | None = None
     optimizer: str = "adamw"
     warmup: float | None = None
-    batch_size: float | None = None
+    batch_size: float | None = None      # sequences per optimizer step
+    seq_len: float | None = None         # tokens per sequence
     steps: float | None = None
     threshold: float = SAFE_THRESHOLD
     grad_clip: float | None = None       # 0: no clipping
@@ -330,10 +331,12 @@ def recipe_of(request: Request, meta: dict, *, width, n_layers) -> dict:
     """The full recipe: the request's values, the corpus's where it gives none."""
     d = meta.get("config_defaults", {})
     pick = lambda v, k, default: v if v is not None else d.get(k, default)  # noqa: E731
+    seq = pick(request.seq_len, "seq_len", None)   # None: a predictor saved before the sequence axis
     return dict(optimizer=request.optimizer.lower(), warmup=float(pick(request.warmup, "warmup", 0)),
                 steps=float(pick(request.steps, "steps", 300)), grad_clip=float(pick(request.grad_clip, "grad_clip", 0.0)),
                 weight_decay=float(pick(request.weight_decay, "weight_decay", 0.0)),
                 batch_size=float(pick(request.batch_size, "batch_size", 16)),
+                seq_len=None if seq is None else float(seq),
                 d_model=float(width if width is not None else d.get("d_model", 64)),
                 n_layers=float(n_layers), schedule=request.schedule, beta2=request.beta2, eps=request.eps)
 
@@ -370,7 +373,7 @@ def _outside(feats: dict, meta: dict, recipe: dict) -> tuple[dict, list[str]]:
     return axes, oor
 
 
-_AXIS_WORD = dict(d_model="width", n_layers="depth", steps="steps", batch_size="batch")
+_AXIS_WORD = dict(d_model="width", n_layers="depth", steps="steps", batch_size="batch", seq_len="sequence length")
 
 
 def _paper_score(bundle: PredictorBundle, aggs: dict | None) -> dict | None:
@@ -491,6 +494,8 @@ def assess_critical(prof, init: dict, *, bundle: PredictorBundle, request: Reque
         raise PredictorError("the network could not be profiled and is not dead at init")
     if request.width is None and width is None:
         warnings.append(f"model width unknown; assumed d_model={recipe['d_model']:g}")
+    if request.seq_len is None and "ln_seq_len" in model.fail_.linear_columns_ and recipe["seq_len"] is not None:
+        warnings.append(f"sequence length not stated (--seq-len); assumed the corpus's {recipe['seq_len']:g} tokens")
     feats = network_features(prof, init, recipe)
     n = assess_features(feats, bundle=bundle, request=request, recipe=recipe, widen=widen)
     outside = {}

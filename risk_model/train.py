@@ -92,7 +92,7 @@ def train_critical_lr(corpus_dir, *, heldout: dict | None = None, evaluate: bool
         profile_settings=c.profile_settings, feature_range=rng,
         config_defaults={"warmup": float(runs["warmup"].median()), "batch_size": float(runs["batch_size"].median()),
                          "steps": float(runs["steps"].median()), "d_model": float(runs["d_model"].median()),
-                         "grad_clip": 0.0, "weight_decay": 0.0},
+                         "seq_len": float(nets["seq_len"].median()), "grad_clip": 0.0, "weight_decay": 0.0},
         metrics={"auroc": m.get("auroc"), "auroc_ci": m.get("auroc_ci"), "ece": m.get("ece"),
                  "brier": m.get("brier"), "max_safe_lr_right": safe.get("right"),
                  "max_safe_lr_unsafe": safe.get("unsafe"),
@@ -133,7 +133,8 @@ def train_lr_predictor(evaluation: dict, *, seed: int = 0, n_estimators: int = 1
     names = [n for g in groups for n in FEATURE_GROUPS[g]]
     rng = {n: [float(nets[n].min()), float(nets[n].max())] for n in names
            if n in nets and nets[n].notna().any() and not n.startswith(("opt_", "schedule_"))}
-    scale_range = {key: [float(nets[key].min()), float(nets[key].max())] for _, key in SCALE_AXES}
+    scale_range = {key: [float(nets[key].min()), float(nets[key].max())] for _, key in SCALE_AXES
+                   if key in nets and nets[key].notna().any()}
     constant = {}
     if nets["steps"].nunique() == 1:
         constant["steps"] = f"{nets['steps'].iloc[0]:g}"
@@ -158,7 +159,7 @@ def train_lr_predictor(evaluation: dict, *, seed: int = 0, n_estimators: int = 1
         novel_class_widen=float(evaluation["novel_class_widen"]),
         config_defaults={"warmup": float(runs["warmup"].median()), "batch_size": float(runs["batch_size"].median()),
                          "steps": float(runs["steps"].median()), "d_model": float(runs["d_model"].median()),
-                         "grad_clip": 0.0, "weight_decay": 0.0},
+                         "seq_len": float(nets["seq_len"].median()), "grad_clip": 0.0, "weight_decay": 0.0},
         metrics={"auroc": f.get("auroc"), "auroc_ci": f.get("auroc_ci"), "ece": f.get("ece"), "brier": f.get("brier"),
                  "auroc_diverged": d.get("auroc"), "ece_diverged": d.get("ece"),
                  "max_safe_lr_right": pooled["max_safe_right"], "max_safe_lr_unsafe": pooled["max_safe_unsafe"],

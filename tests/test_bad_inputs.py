@@ -116,6 +116,7 @@ def test_predict_help_names_the_example_and_sweep_help_lists_spec_keys():
     (["predict", "example", "--lr", "1e-3", "--warmup", "-5"], "--warmup"),
     (["predict", "example", "--lr", "1e-3", "--steps", "0"], "--steps"),
     (["predict", "example", "--lr", "1e-3", "--batch-size", "0"], "--batch-size"),
+    (["predict", "example", "--lr", "1e-3", "--seq-len", "0"], "--seq-len"),
     (["predict", "example", "--lr", "1e-3", "--threshold", "1.5"], "--threshold"),
     (["profile", "example", "--seed", "-1"], "--seed"),
     (["profile", "example", "--rank", "-3"], "--rank"),

@@ -284,3 +284,47 @@ def test_a_horizon_read_at_two_values_sets_the_horizon_exponent():
     assert "ln_steps" in m.ladder_axes_
     assert c["ln_steps"] == pytest.approx(-0.5, abs=0.15)
     assert cp["ln_steps"] > -0.3                      # the large corpus's lower level at 300 steps pulls it up
+
+
+def test_the_sequence_axis_is_learned_where_it_varies_and_extrapolates():
+    """lr_fail ∝ seq_len^0.4 (beside the width law): the ln_seq_len slope comes out near 0.4 and a
+    4× longer sequence than the corpus's longest moves the prediction by about 0.4·ln 4."""
+    rng = np.random.default_rng(3)
+    n = 300
+    d = rng.choice([32, 64, 128], n).astype(float)
+    seq = rng.choice([32, 64, 128, 256], n).astype(float)
+    crit = np.exp(-0.7 * np.log(d) + 0.4 * np.log(seq) - 4.0 + rng.logistic(0, 0.3, n))
+    rows = []
+    for i in range(n):
+        f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
+                            d_model=d[i], n_layers=4, seq_len=seq[i])
+        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
+        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        rows.append(f)
+    X = pd.DataFrame(rows)
+    m = LogLRModel(groups=(), n_estimators=0, n_splits=2).fit(X, X["fail_lo"], X["fail_hi"], groups=np.arange(n) % 4)
+    coef = dict(zip(m.linear_columns_, m.coef_))
+    assert coef["ln_seq_len"] == pytest.approx(0.4, abs=0.1)
+
+    def at(s):
+        f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
+                            d_model=64, n_layers=4, seq_len=s)
+        return m.predict_log_lr({k: np.array([v]) for k, v in f.items()})["mu"][0]
+
+    assert at(1024) - at(256) == pytest.approx(0.4 * math.log(4), abs=0.15)
+
+
+def test_a_model_saved_before_the_sequence_axis_loads_and_predicts_as_saved(fitted):
+    _, v3, _ = fitted
+    d = v3.to_dict()
+    keep = [i for i, c in enumerate(v3.linear_columns_) if c != "ln_seq_len"]
+    d["params"].pop("scale_axes")
+    d["coef"] = [d["coef"][i] for i in keep]
+    d["cov"] = [[d["cov"][i][j] for j in keep] for i in keep]
+    d["design_center"] = [d["design_center"][i] for i in keep]
+    d["feature_names"] = [c for c in d["feature_names"] if c != "ln_seq_len"]
+    old = LogLRModel.from_dict(d)
+    assert "ln_seq_len" not in old.linear_columns_ and len(old.linear_columns_) == len(old.coef_)
+    net = _net(96)
+    net["ln_seq_len"] = np.array([math.log(512.0)])   # a request that states it: ignored by the old model
+    np.testing.assert_allclose(old.predict_log_lr(net)["mu"], v3.predict_log_lr(_net(96))["mu"], rtol=1e-12)

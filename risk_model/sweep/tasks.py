@@ -56,9 +56,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from risk_model.lrmodel import IMAGE_TASKS
+
 TASKS = ("assoc_recall", "synthetic_lm", "text_bytes", "digits")
-#: the image tasks, for the image families only (``archs.IMAGE_FAMILIES``)
-IMAGE_TASKS = ("digits",)
+# IMAGE_TASKS: the image tasks, for the image families only (``archs.IMAGE_FAMILIES``); their home
+# is the predictor's features, which read them too
 #: sha256 of the text_bytes corpus (pydoc_data.topics of Python 3.11.7)
 TEXT_SHA256 = "2a95af4ac93f5b719944030ce3769070ddf827d847cba42192afa8da989e5dc4"
 TEXT_NAME = "pydoc_data.topics.topics (CPython 3.11.7 help topics), sorted keys, newline-joined, UTF-8"
