@@ -422,7 +422,7 @@ def report_markdown(res: dict) -> str:
          "model read at a shorter horizon, id `<model>@<steps>`, kept in its model's fold), "
          f"{res['n_runs']} runs; `failed` rate "
          f"{res['failed_rate']:.2f}, networks that never learn (labels.never_learns) {res['never_learns']}. "
-         f"Tree feature groups shipped: {', '.join(res['groups']) or 'none (the linear part alone: optimizer, ln width, ln depth, ln steps, ln batch)'}. AUROC 95% CI: percentile bootstrap over networks, "
+         f"Tree feature groups shipped: {', '.join(res['groups']) or 'none (the linear part alone: optimizer, ln width, ln depth, ln steps, ln batch, ln sequence length)'}. AUROC 95% CI: percentile bootstrap over networks, "
          f"{res['n_boot']} resamples; ECE {ECE_BINS} bins. `max_safe_lr` at P(failed) = {res['threshold']:g}: *right* "
          "in [last not-failed LR / 2, first failed LR), *unsafe* at or above the first failed LR; "
          f"`recommended_lr` right within {WITHIN:g}× of lr_best (networks that learn).", "",

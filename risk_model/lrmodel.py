@@ -8,7 +8,7 @@ The model (DESIGN §8 v3, docs/method.md)
 
         ln lr_t = z(x)·β_t + g_t(u(x)) + b_t + s_t·ε,    ε standard logistic,
 
-    where z = [optimizer one-hot, synthetic task, ln width, ln depth, ln steps, ln batch] (the scale
+    where z = [optimizer one-hot, synthetic task, ln width, ln depth, ln steps, ln batch, ln seq_len] (the scale
     axes centred) is a *linear* scale part — it keeps moving outside the corpus's range of widths,
     depths, horizons and batches, where trees are flat; served with the task term at 0 (real data);
     with ``slope_rows`` the exponents of the axes those networks vary (the full-ladder corpus's scale
