@@ -9,7 +9,10 @@ them); ``--shipped`` scores the shipped detector on them instead of fitting (not
 ``--out`` names the JSON (the report is left alone). ``--v3`` is the corpus-v3 study: the shipped
 detector (fitted on corpus-v2) on corpus-v3, leave-one-class-out on corpus-v3 alone and on
 corpus-v2 + corpus-v3 pooled, in results/detector_v3.json and the report's "On corpus-v3" section
-(about two CPU-minutes).
+(about two CPU-minutes). ``--prior`` is the study of the two optional inputs, the pre-flight
+P(failed) (held out) and the marginal loss R, in results/detector_prior.json and the report's last
+section (about 25 minutes on the loaded machine); with ``--fit-default`` it writes the variants that
+ship beside the shipped detector (and removes those that do not).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 # benchmarks/featurize.py would shadow the featurize package when this file is run as a script
 sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
@@ -395,6 +400,91 @@ def study_v3(v2_path=CORPUS, v3_path=CORPUS_V3) -> dict:
                 seconds=time.perf_counter() - t0)
 
 
+VARIANTS = {"base": {}, "prior": dict(use_prior=True), "marginal": dict(use_marginal=True),
+            "prior+marginal": dict(use_prior=True, use_marginal=True)}
+OUT_PRIOR = ROOT / "benchmarks" / "results" / "detector_prior.json"
+PRIOR_SECTION = "\n## With the pre-flight P(failed) and the marginal loss"
+
+
+def study_prior(v2_path=CORPUS, v3_path=CORPUS_V3) -> dict:
+    """The detector with the pre-flight P(failed) (``use_prior``, held out: ``preflight_priors``)
+    and/or the marginal loss R (``use_marginal``), leave-one-class-out on corpus-v2 + corpus-v3
+    pooled and on corpus-v3 alone; and which variants ship (``_beats`` the base on corpus-v3, held
+    out, without more false alarms on corpus-v2)."""
+    from risk_model.detector_eval import evaluate, preflight_priors
+
+    t0 = time.perf_counter()
+    frames, rows = _load([v2_path, v3_path])
+    df = _pool(frames)
+    df["prior"] = preflight_priors(df, [v2_path.parent, v3_path.parent])
+    missing = int(np.isnan(df["prior"]).sum())
+    df = df[np.isfinite(df["prior"])].reset_index(drop=True)
+    v3 = df[df["corpus"] == "corpus-v3"].reset_index(drop=True)
+    from sklearn.metrics import roc_auc_score
+
+    prior_auroc = {c: float(roc_auc_score(g["failed"], g["prior"])) for c, g in df.groupby("corpus")}
+    out = dict(rows=rows, runs_without_prior=missing, prior_auroc_on_failed=prior_auroc, pooled={}, v3_alone={})
+    for name, params in VARIANTS.items():
+        out["pooled"][name] = evaluate(df, detector_params=params, rules={})
+        out["v3_alone"][name] = evaluate(v3, detector_params=params, rules={})
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    # fitted on every corpus-v3 run, read on corpus-v2's curves (another task family): does it carry over?
+    from risk_model.detector import FailureDetector
+    from risk_model.detector_eval import evaluate_fixed, run_curves
+
+    v2 = df[df["corpus"] == "corpus-v2"].reset_index(drop=True)
+    out["v3_fit_on_v2"] = {}
+    for name, params in VARIANTS.items():
+        det = FailureDetector(**params).fit(run_curves(v3), v3["failed"].to_numpy(),
+                                            keep_running=v3["keep_running"].to_numpy())
+        out["v3_fit_on_v2"][name] = evaluate_fixed(det, v2, rules={})["methods"]["detector"]["pooled"]
+    base = out["pooled"]["base"]["methods"]["detector"]["per_corpus"]
+    ships = {}
+    for name in VARIANTS:
+        if name == "base":
+            continue
+        pc = out["pooled"][name]["methods"]["detector"]["per_corpus"]
+        ships[name] = bool(_beats(pc["corpus-v3"]["pooled"], base["corpus-v3"]["pooled"])
+                           and pc["corpus-v2"]["pooled"]["false_alarm"] <= base["corpus-v2"]["pooled"]["false_alarm"] + 1e-12)
+    out["ships"] = ships
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def report_prior(res: dict) -> str:
+    head = ("| detector | fitted on | scored on | recall (failed) | median steps saved (stopped) | false alarms "
+            "| recall: diverged / lost progress / never learns |\n|---|---|---|---|---|---|---|\n")
+    rows = []
+    for name in VARIANTS:
+        for c in ("corpus-v2", "corpus-v3"):
+            rows.append((name, "corpus-v2 + corpus-v3", c, res["pooled"][name]["methods"]["detector"]["per_corpus"][c]["pooled"]))
+        rows.append((name, "corpus-v3 alone", "corpus-v3", res["v3_alone"][name]["methods"]["detector"]["pooled"]))
+    for name in VARIANTS:
+        rows.append((name, "corpus-v3 alone (all of it)", "corpus-v2", res["v3_fit_on_v2"][name]))
+    body = "\n".join(f"| {n} | {f} | {c} | {_pct(p['recall'])} ({p['n_failed']}) | {_pct(p['saved_median'])} | "
+                     f"{_pct(p['false_alarm'])} ({p['n_false_alarm']}/{p['n_keep_running']}) | "
+                     f"{_pct(p['recall_by_kind']['diverged'])} / {_pct(p['recall_by_kind']['lost progress'])} / "
+                     f"{_pct(p['recall_by_kind']['never learns'])} |" for n, f, c, p in rows)
+    au = res["prior_auroc_on_failed"]
+    shipped = [n for n, ok in res["ships"].items() if ok]
+    return f"""{PRIOR_SECTION}
+
+Written by `python benchmarks/detector.py --prior` (numbers: `benchmarks/results/detector_prior.json`;
+{res['seconds'] / 60:.0f} minutes on the loaded machine). *prior*: the pre-flight P(failed) at the run's LR
+(`use_prior`), held out as the detector is — predictor v3 (linear part, as shipped) fitted on the
+other classes of both corpora (`detector_eval.preflight_priors`); its AUROC on `failed`, by itself:
+corpus-v2 {au['corpus-v2']:.3f}, corpus-v3 {au['corpus-v3']:.3f}. *marginal*: the task's marginal loss R
+(`use_marginal`). Leave-one-class-out; {res['runs_without_prior']} runs without a pre-flight prediction (dead at
+init) are left out.
+
+{head}{body}
+
+A variant ships (`models/default/detector/detector_<variant>.json`) only if, fitted on both corpora and
+held out, it is clearly better than the base on corpus-v3 (`_beats`) with no more false alarms on
+corpus-v2: {', '.join(f'`{n}`' for n in shipped) if shipped else 'none does'}.
+"""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", action="append", type=Path,
@@ -402,6 +492,8 @@ def main(argv=None):
     ap.add_argument("--shipped", action="store_true", help="score the shipped detector, fit nothing")
     ap.add_argument("--v3", action="store_true", help="the corpus-v3 study: results/detector_v3.json and the report")
     ap.add_argument("--out", type=Path, help="the results JSON (with --corpus or --shipped; the report is left alone)")
+    ap.add_argument("--prior", action="store_true", help="the pre-flight-prior / marginal-loss study: "
+                    "results/detector_prior.json, its section of the report, and (with --fit-default) the variants that ship")
     ap.add_argument("--fit-default", action="store_true", help="also fit and write the shipped detector "
                     "(on the corpora given, pooled)")
     a = ap.parse_args(argv)
@@ -409,6 +501,15 @@ def main(argv=None):
     from risk_model.detector import FailureDetector
     from risk_model.detector_eval import evaluate, evaluate_fixed, run_curves
 
+    if a.prior:
+        resp = study_prior()
+        OUT_PRIOR.write_text(json.dumps(resp, indent=1, default=float) + "\n")
+        text = REPORT.read_text()
+        REPORT.write_text(text.split(PRIOR_SECTION)[0].rstrip() + "\n" + report_prior(resp))
+        print(report_prior(resp))
+        if a.fit_default:
+            fit_variants(resp["ships"])
+        return
     if a.v3:
         res3 = study_v3()
         OUT_V3.write_text(json.dumps(res3, indent=1, default=float) + "\n")
@@ -439,6 +540,27 @@ def main(argv=None):
         det = FailureDetector().fit(run_curves(df), df["failed"], keep_running=df["keep_running"])
         det.save(DEFAULT)
         print(f"wrote {DEFAULT} (p_stop {det.p_stop_:.4f}, {det.n_runs_} runs)")
+
+
+def fit_variants(ships: dict) -> None:
+    """Fit each variant that ships on every run of corpus-v2 + corpus-v3 (with held-out priors) and
+    write it beside the base detector; remove the file of a variant that does not ship."""
+    from risk_model.detector import FailureDetector, default_detector_path
+    from risk_model.detector_eval import preflight_priors, run_curves
+
+    frames, _ = _load([CORPUS, CORPUS_V3])
+    df = _pool(frames)
+    df["prior"] = preflight_priors(df, [CORPUS.parent, CORPUS_V3.parent])
+    df = df[np.isfinite(df["prior"])].reset_index(drop=True)
+    for name, ok in ships.items():
+        params = VARIANTS[name]
+        path = default_detector_path(**params)
+        if not ok:
+            path.unlink(missing_ok=True)
+            continue
+        det = FailureDetector(**params).fit(run_curves(df), df["failed"], keep_running=df["keep_running"])
+        det.save(path)
+        print(f"wrote {path} (p_stop {det.p_stop_:.4f}, lost_stop {det.lost_stop_:.3f}, {det.n_runs_} runs)")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import logging
 import math
 
 from .errors import UsageError
-from .monitor import ACTIONS, DivergenceRiskError, FailureWatch, RiskMonitor, check_watch, optimizer_name
+from .monitor import (ACTIONS, DivergenceRiskError, FailureWatch, RiskMonitor, check_marginal, check_watch,
+                      optimizer_name, preflight_prior)
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,12 @@ class _RiskWatch:
     word the messages, and profile every ``every`` steps."""
 
     def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None, blocks=None,
-                 input_shape=None, spectral=True, detector=None, detect_every=10):
+                 input_shape=None, spectral=True, detector=None, detect_every=10, marginal_loss=None):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         check_watch(threshold, every)
+        check_marginal(marginal_loss)
+        self.marginal_loss = marginal_loss
         if int(detect_every) != detect_every or detect_every < 1:
             raise ValueError(f"detect_every must be a positive integer, got {detect_every!r}")
         self.action = action
@@ -101,6 +104,10 @@ class _RiskWatch:
     def verdict(self):
         """The failure detector's latest verdict (``risk_model.detector.Verdict``; None before any)."""
         return self.failure.verdict
+
+    def _start_failure(self, steps) -> None:
+        """Begin the failure detector, with the pre-flight P(failed) when the check ran."""
+        self.failure.start(steps, prior=preflight_prior(self.assessment_), marginal_loss=self.marginal_loss)
 
     def _observe(self, step: int, loss, grad_norm) -> tuple[dict, bool]:
         """The failure detector on one step: (metrics to log, whether to stop now)."""
@@ -181,7 +188,11 @@ def _make_hf_callback():
         spectral : bool, default True
             Run the pre-flight check and the spectral watch; False leaves only the failure detector.
         detector : FailureDetector, str or Path, optional
-            The failure detector; the shipped one when omitted.
+            The failure detector; when omitted, the shipped one that reads what the run gives (the
+            pre-flight P(failed) at the learning rate when the check ran, ``marginal_loss``).
+        marginal_loss : float, optional
+            The task's marginal loss R in nats (``risk_model.detector.marginal_loss`` of a sample of
+            the training targets); the detector then also reads the loss against it.
         detect_every : int, default 10
             Lightning only (the HF callback reads every training log).
         seq_len : int, optional
@@ -196,10 +207,11 @@ def _make_hf_callback():
         """
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
-                     blocks=None, input_shape=None, spectral=True, detector=None, detect_every=10, seq_len=None):
+                     blocks=None, input_shape=None, spectral=True, detector=None, detect_every=10, seq_len=None,
+                     marginal_loss=None):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
                              blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
-                             detect_every=detect_every)
+                             detect_every=detect_every, marginal_loss=marginal_loss)
             self.seq_len = seq_len
             self.trainer = None
             self._said_unattached = False
@@ -243,13 +255,14 @@ def _make_hf_callback():
             warmup = args.get_warmup_steps(steps) if steps else None
             batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
-            self.failure.start(steps)
             if not self.spectral:
+                self._start_failure(steps)
                 return
             metrics = self._begin(model, stop_allowed=state.global_step == 0, assumed=assumed, lr=lr,
                                   optimizer=name or str(getattr(args, "optim", None)), warmup=warmup,
                                   batch_size=batch, seq_len=self.seq_len, steps=steps, grad_clip=clip,
                                   weight_decay=getattr(args, "weight_decay", None))
+            self._start_failure(steps)
             self._report(metrics, state.global_step)
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -297,7 +310,7 @@ def _make_lightning_callback():
 
         Parameters
         ----------
-        action, threshold, every, n_samples, predictor, blocks, input_shape, spectral, detector
+        action, threshold, every, n_samples, predictor, blocks, input_shape, spectral, detector, marginal_loss
             As for ``RiskCallback``.
         detect_every : int, default 10
         warmup, batch_size : float, optional
@@ -307,10 +320,10 @@ def _make_lightning_callback():
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
                      blocks=None, input_shape=None, warmup=None, batch_size=None, seq_len=None, spectral=True,
-                     detector=None, detect_every=10):
+                     detector=None, detect_every=10, marginal_loss=None):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
                              blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
-                             detect_every=detect_every)
+                             detect_every=detect_every, marginal_loss=marginal_loss)
             self.warmup = warmup
             self.batch_size = batch_size
             self.seq_len = seq_len
@@ -340,14 +353,15 @@ def _make_lightning_callback():
                 est = trainer.estimated_stepping_batches
                 steps = int(est) if isinstance(est, (int, float)) and math.isfinite(est) else None
             clip = trainer.gradient_clip_val or None
-            self.failure.start(steps)
             self._last_step = trainer.global_step
             if not self.spectral:
+                self._start_failure(steps)
                 return
             metrics = self._begin(pl_module, stop_allowed=trainer.global_step == 0, assumed=assumed,
                                   lr=_peak_lr(opt), optimizer=opt if opt is not None else None,
                                   warmup=self.warmup, batch_size=self.batch_size, seq_len=self.seq_len, steps=steps,
                                   grad_clip=clip)
+            self._start_failure(steps)
             self._last_step = trainer.global_step
             self._report(trainer, metrics)
 

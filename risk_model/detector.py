@@ -29,8 +29,16 @@ A failing verdict is kept: later steps do not revive a run.
 
 Pure Python per step (the model is a dot product): about 0.1 ms per call (benchmarks/detector_overhead.py).
 
+Two optional inputs enter as features when a detector is fitted with them: the task's marginal
+loss R (``use_marginal``; ``marginal_loss`` computes it from a sample of the training targets) and
+the pre-flight P(failed) at the run's learning rate (``use_prior``: what ``risk predict`` said before
+the first step, held out when fitting, ``detector_eval.preflight_priors``).
+
 The shipped detector (``models/default/detector/detector.json``) is fitted on corpus-v2 (300-step
-runs, 50 stored points each); its held-out scores are in ``reports/detector.md``.
+runs, 50 stored points each) and reads neither; its held-out scores are in ``reports/detector.md``.
+A variant that reads the prior and/or R ships beside it (``detector_prior.json``, …) only where it
+measured better held out (``benchmarks/detector.py --prior``), and ``load_default`` then picks the
+richest one a run can feed.
 
 Examples
 --------
@@ -73,6 +81,13 @@ MARGINAL_FEATURES = {
     "gap_marginal": "no progress",       # (min − R) / R, in [−0.5, 1]
     "above_marginal": "no progress",     # (smoothed loss − R) / R, in [−0.5, 1]
 }
+#: the pre-flight prediction (``use_prior``): no reason group of its own (a verdict's reason is read
+#: from the curve's groups only)
+PRIOR_FEATURES = {
+    "prior": None,                       # logit of the pre-flight P(failed) at the run's LR, in [−8, 8]
+}
+#: the pre-flight P(failed) is clipped to [PRIOR_CLIP, 1 − PRIOR_CLIP] before its logit
+PRIOR_CLIP = 1 / (1 + math.exp(8.0))
 _EPS = 1e-12
 #: progress below this fraction of the initial loss counts as this much in ``lost`` (an early bump of a
 #: run that has not learned yet is not progress lost)
@@ -114,6 +129,8 @@ class RunCurve:
     steps, loss, grad_norm : sequences of shape (n_points,), steps 1-based and increasing
     total_steps : the planned number of steps of the run
     marginal_loss : the task's best context-free loss R, optional
+    prior : the pre-flight P(failed) at the run's learning rate (``risk predict``'s p_failed,
+        held out when fitting), optional
     """
 
     steps: list
@@ -121,15 +138,17 @@ class RunCurve:
     grad_norm: list
     total_steps: int
     marginal_loss: float | None = None
+    prior: float | None = None
 
 
-def _feature_names(use_marginal: bool) -> list[str]:
-    base = list(BASE_FEATURES) + (list(MARGINAL_FEATURES) if use_marginal else [])
+def _feature_names(use_marginal: bool, use_prior: bool = False) -> list[str]:
+    base = (list(BASE_FEATURES) + (list(MARGINAL_FEATURES) if use_marginal else [])
+            + (list(PRIOR_FEATURES) if use_prior else []))
     return ["frac"] + base + [f"frac*{b}" for b in base]
 
 
-def _groups(use_marginal: bool) -> dict[str, str]:
-    g = dict(BASE_FEATURES, **(MARGINAL_FEATURES if use_marginal else {}))
+def _groups(use_marginal: bool, use_prior: bool = False) -> dict[str, str]:
+    g = dict(BASE_FEATURES, **(MARGINAL_FEATURES if use_marginal else {}), **(PRIOR_FEATURES if use_prior else {}))
     out = {"frac": None}
     for b, r in g.items():
         out[b] = out[f"frac*{b}"] = r
@@ -143,7 +162,8 @@ class RunWatch:
     (``detector=None``) only the hard rules act, and ``total_steps`` may be None.
     """
 
-    def __init__(self, detector, total_steps: int, marginal_loss: float | None = None, smooth: float = 0.05):
+    def __init__(self, detector, total_steps: int, marginal_loss: float | None = None, smooth: float = 0.05,
+                 prior: float | None = None):
         if total_steps is None and detector is not None:
             raise ValueError("the fitted detector needs the planned number of steps (total_steps)")
         if total_steps is not None and not (isinstance(total_steps, (int, float)) and total_steps >= 1
@@ -151,7 +171,10 @@ class RunWatch:
             raise ValueError(f"total_steps must be a positive number of steps, got {total_steps!r}")
         if marginal_loss is not None and not (math.isfinite(marginal_loss) and marginal_loss > 0):
             raise ValueError(f"marginal_loss must be a positive number, got {marginal_loss!r}")
+        if prior is not None and not (isinstance(prior, (int, float)) and 0 <= prior <= 1):
+            raise ValueError(f"prior must be a probability in [0, 1], got {prior!r}")
         self.detector = detector
+        self.prior = prior
         self.total_steps = None if total_steps is None else float(total_steps)
         self.marginal_loss = marginal_loss
         self.window = 1.0 if total_steps is None else max(1.0, smooth * self.total_steps)
@@ -183,6 +206,9 @@ class RunWatch:
         if R is not None:
             f["gap_marginal"] = _clip((m - R) / R, -0.5, 1.0)
             f["above_marginal"] = _clip((ls - R) / R, -0.5, 1.0)
+        if self.prior is not None:
+            q = _clip(float(self.prior), PRIOR_CLIP, 1.0 - PRIOR_CLIP)
+            f["prior"] = math.log(q / (1.0 - q))
         return f
 
     def update(self, step, loss, grad_norm) -> Verdict:
@@ -245,6 +271,10 @@ class FailureDetector:
     use_marginal : bool, default False
         Use the task's marginal loss R (``RunCurve.marginal_loss``, ``watch(marginal_loss=)``) as
         features; every run must then give it.
+    use_prior : bool, default False
+        Use the pre-flight P(failed) at the run's learning rate (``RunCurve.prior``,
+        ``watch(prior=)``) as a feature: the curve then updates what ``risk predict`` said before
+        the first step. Every run must give it; fit it on held-out pre-flight predictions.
     false_alarm : float, default 0.01
         The largest fraction of the runs that must not be stopped that may reach ``p_stop_`` at
         some step of their curves (on the fitting data).
@@ -268,8 +298,10 @@ class FailureDetector:
     n_runs_ : int
     """
 
-    def __init__(self, *, use_marginal=False, false_alarm=0.01, min_fraction=0.0, smooth=0.05, C=1.0):
+    def __init__(self, *, use_marginal=False, use_prior=False, false_alarm=0.01, min_fraction=0.0, smooth=0.05,
+                 C=1.0):
         self.use_marginal = use_marginal
+        self.use_prior = use_prior
         self.min_fraction = min_fraction
         self.false_alarm = false_alarm
         self.smooth = smooth
@@ -287,7 +319,8 @@ class FailureDetector:
     def trajectory(self, curve: RunCurve, fitted: bool = True) -> list[Verdict]:
         """The verdict at every point of ``curve`` (failing verdicts are kept, as in a run)."""
         watch = RunWatch(self if fitted else None, curve.total_steps,
-                         curve.marginal_loss if self.use_marginal else None, self.smooth)
+                         curve.marginal_loss if self.use_marginal else None, self.smooth,
+                         prior=curve.prior if self.use_prior else None)
         out = []
         for s, l, g in zip(curve.steps, curve.loss, curve.grad_norm):
             if fitted and watch.failing:
@@ -299,7 +332,7 @@ class FailureDetector:
                 break
         return out
 
-    def fit(self, X, y, keep_running=None):
+    def fit(self, X, y, keep_running=None, sample_weight=None):
         """Fit on runs' curves.
 
         Parameters
@@ -309,6 +342,9 @@ class FailureDetector:
         keep_running : array-like of bool, shape (n_runs,), optional
             Runs that must not be stopped, over which ``false_alarm`` is counted (default: the runs
             that did not fail).
+        sample_weight : array-like of float, shape (n_runs,), optional
+            Each run's weight in the logistic fit (default 1; a run's points share it). The
+            stopping thresholds count runs, unweighted.
 
         Returns
         -------
@@ -324,23 +360,29 @@ class FailureDetector:
         if y.all() or not y.any():
             raise ValueError("y must hold both failed and not failed runs")
         keep = ~y if keep_running is None else np.asarray(keep_running, dtype=bool)
+        sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        if sw.shape != y.shape or not (np.isfinite(sw).all() and (sw >= 0).all() and sw.sum() > 0):
+            raise ValueError("sample_weight must hold one finite weight ≥ 0 per run, not all 0")
         if self.use_marginal and any(c.marginal_loss is None for c in X):
             raise ValueError("use_marginal=True needs every RunCurve's marginal_loss")
-        names = _feature_names(self.use_marginal)
+        if self.use_prior and any(c.prior is None for c in X):
+            raise ValueError("use_prior=True needs every RunCurve's prior")
+        names = _feature_names(self.use_marginal, self.use_prior)
         rows, labels, weights = [], [], []
-        for curve, yi in zip(X, y):
+        for curve, yi, wi in zip(X, y, sw):
             pts = [v for v in self.trajectory(curve, fitted=False) if not v.failing]
             for v in pts:
                 rows.append(_design(v.features, names))
                 labels.append(yi)
-                weights.append(1.0 / len(pts))
+                weights.append(wi / len(pts))
         M = np.asarray(rows, dtype=float)
-        mean, scale = M.mean(axis=0), M.std(axis=0)
+        used = M[np.asarray(weights) > 0]  # a run of weight 0 is as if it were not there
+        mean, scale = used.mean(axis=0), used.std(axis=0)
         scale[scale == 0] = 1.0
         lr = LogisticRegression(C=self.C, max_iter=2000)
         lr.fit((M - mean) / scale, np.asarray(labels), sample_weight=np.asarray(weights))
         self.feature_names_ = names
-        self.groups_ = _groups(self.use_marginal)
+        self.groups_ = _groups(self.use_marginal, self.use_prior)
         self.mean_ = [float(v) for v in mean]
         self.scale_ = [float(v) for v in scale]
         self.coef_ = [float(v) for v in lr.coef_[0]]
@@ -375,17 +417,21 @@ class FailureDetector:
         p = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
         return p, contrib
 
-    def watch(self, total_steps: int, marginal_loss: float | None = None) -> RunWatch:
+    def watch(self, total_steps: int, marginal_loss: float | None = None, prior: float | None = None) -> RunWatch:
         """A ``RunWatch`` for one run of ``total_steps`` planned steps.
 
         Raises
         ------
-        ValueError : ``use_marginal`` and no ``marginal_loss``, or a bad ``total_steps``
+        ValueError : ``use_marginal`` and no ``marginal_loss``, ``use_prior`` and no ``prior``, or a
+            bad ``total_steps``
         """
         self._check_fitted()
         if self.use_marginal and marginal_loss is None:
             raise ValueError("this detector was fitted with the marginal loss: pass marginal_loss")
-        return RunWatch(self, total_steps, marginal_loss if self.use_marginal else None, self.smooth)
+        if self.use_prior and prior is None:
+            raise ValueError("this detector was fitted with the pre-flight P(failed): pass prior")
+        return RunWatch(self, total_steps, marginal_loss if self.use_marginal else None, self.smooth,
+                        prior=prior if self.use_prior else None)
 
     def detect(self, curve: RunCurve) -> Verdict | None:
         """The first failing verdict along a curve, None if it never fails."""
@@ -396,7 +442,8 @@ class FailureDetector:
     def to_dict(self) -> dict:
         self._check_fitted()
         return dict(format=FORMAT, format_version=FORMAT_VERSION,
-                    params=dict(use_marginal=self.use_marginal, false_alarm=self.false_alarm,
+                    params=dict(use_marginal=self.use_marginal, use_prior=self.use_prior,
+                                false_alarm=self.false_alarm,
                                 min_fraction=self.min_fraction, smooth=self.smooth,
                                 C=self.C),
                     feature_names=self.feature_names_, mean=self.mean_, scale=self.scale_, coef=self.coef_,
@@ -407,12 +454,12 @@ class FailureDetector:
         if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} document (format {d.get('format')!r}, "
                              f"version {d.get('format_version')!r})")
-        det = cls(**d["params"])
-        names = _feature_names(det.use_marginal)
+        det = cls(**d["params"])  # saved before use_prior existed: its default, False
+        names = _feature_names(det.use_marginal, det.use_prior)
         if d["feature_names"] != names:
             raise ValueError(f"feature names {d['feature_names']} are not this version's {names}")
         det.feature_names_ = names
-        det.groups_ = _groups(det.use_marginal)
+        det.groups_ = _groups(det.use_marginal, det.use_prior)
         det.mean_, det.scale_, det.coef_ = list(d["mean"]), list(d["scale"]), list(d["coef"])
         det.intercept_, det.p_stop_, det.n_runs_ = float(d["intercept"]), float(d["p_stop"]), int(d["n_runs"])
         det.lost_stop_ = float(d["lost_stop"])
@@ -429,15 +476,52 @@ class FailureDetector:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def load_default(cls) -> "FailureDetector":
-        """The shipped detector (``models/default/detector/detector.json``, fitted on corpus-v2)."""
+    def load_default(cls, *, prior: bool = False, marginal: bool = False) -> "FailureDetector":
+        """The shipped detector (``models/default/detector/``) for a run that can give the pre-flight
+        P(failed) (``prior``) and/or the task's marginal loss (``marginal``): the richest shipped
+        variant that reads only what the run gives (``detector.json`` reads neither and is always
+        there; a variant ships only where it measured better, ``benchmarks/detector.py --prior``)."""
+        for p, m in ((True, True), (True, False), (False, True)):
+            if (prior or not p) and (marginal or not m):
+                path = default_detector_path(use_prior=p, use_marginal=m)
+                if path.is_file():
+                    return cls.load(path)
         return cls.load(default_detector_path())
 
 
-def default_detector_path() -> Path:
+def default_detector_path(*, use_prior: bool = False, use_marginal: bool = False) -> Path:
+    """``models/default/detector/detector[_prior][_marginal].json``."""
     from .serve import default_predictor_path
 
-    return default_predictor_path() / "detector" / "detector.json"
+    name = "detector" + ("_prior" if use_prior else "") + ("_marginal" if use_marginal else "") + ".json"
+    return default_predictor_path() / "detector" / name
+
+
+def marginal_loss(targets, vocab_size: int | None = None) -> float:
+    """The task's marginal loss R: the entropy (nats) of the target tokens' frequencies, the
+    cross-entropy of the best predictor that ignores the context (as the corpora define it,
+    ``sweep.tasks.unigram_entropy``). Give a large sample of the training targets (a tensor, an
+    array or a list of ints, any shape); ``vocab_size`` only checks the ids.
+
+    Raises
+    ------
+    ValueError : no targets, or ids that are negative or not below ``vocab_size``
+    """
+    import numpy as np
+
+    if hasattr(targets, "detach"):
+        targets = targets.detach().cpu().numpy()
+    t = np.asarray(targets).reshape(-1)
+    if t.size == 0:
+        raise ValueError("marginal_loss needs at least one target token")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"marginal_loss needs integer token ids, got dtype {t.dtype}")
+    if t.min() < 0 or (vocab_size is not None and t.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}), "
+                         f"got {int(t.min())}..{int(t.max())}")
+    counts = np.bincount(t.astype(np.int64)).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def _threshold(peaks, allowed: int) -> float:

@@ -147,10 +147,31 @@ def label_check(df) -> dict | None:
                 disagree_run_ids=df.loc[diff, "run_id"].tolist())
 
 
+def preflight_priors(df, corpus_dirs, *, groups=(), threshold: float = 0.2) -> np.ndarray:
+    """The pre-flight P(failed) of each run of ``df`` (``label_runs`` of one or more corpora), held
+    out as the detector is: predictor v3 (``heldout_v3``, tree groups ``groups``) fitted
+    leave-one-class-out on the ladder corpora ``corpus_dirs``, each class's runs scored by the fit
+    that did not see that class. Shape (len(df),); NaN where the run's network is not in the
+    predictor's table (dead at init, or a rebuild that did not reproduce its initial loss)."""
+    import pandas as pd
+
+    from .heldout_v3 import heldout_predictions, load_v3, loco_splits
+
+    nets, runs, _ = load_v3(corpus_dirs)
+    pred = heldout_predictions(nets, runs, tuple(groups), split=loco_splits(nets), threshold=threshold)
+    key = pd.Series(pred["p_failed"], index=pd.MultiIndex.from_arrays([runs["model_id"], runs["lr"].astype(float)]))
+    key = key[~key.index.duplicated()]
+    return np.array([key.get((m, float(lr)), math.nan) for m, lr in zip(df["model_id"], df["lr"])], dtype=float)
+
+
 def run_curves(df) -> list[RunCurve]:
+    """The runs' ``RunCurve``s; a ``prior`` column (the held-out pre-flight P(failed),
+    ``preflight_priors``) goes into ``RunCurve.prior``."""
     df = prepare(df)
+    priors = df["prior"].to_numpy(float) if "prior" in df.columns else [None] * len(df)
     return [RunCurve(list(r.curve_step), list(r.curve_loss), list(r.curve_grad), int(r.steps),
-                     float(r.marginal_loss)) for r in df.itertuples()]
+                     float(r.marginal_loss), None if p is None else float(p))
+            for r, p in zip(df.itertuples(), priors)]
 
 
 # ---------------------------------------------------------------------------------- simple rules
@@ -284,17 +305,27 @@ def _results(df, classes, stops, reasons) -> dict:
     return out
 
 
-def evaluate(runs, *, detector_params=None, rules=None) -> dict:
+def corpus_weights(df) -> np.ndarray:
+    """Per-run weights that give each corpus of ``df`` the same total weight (mean 1)."""
+    c = df["corpus"].to_numpy()
+    names, counts = np.unique(c, return_counts=True)
+    per = dict(zip(names, len(c) / (len(names) * counts)))
+    return np.array([per[x] for x in c], dtype=float)
+
+
+def evaluate(runs, *, detector_params=None, rules=None, balance: bool = False) -> dict:
     """Leave-one-class-out evaluation of the detector and the simple rules.
 
     ``runs``: one corpus's frame, or ``label_runs`` of several corpora concatenated (pooled: each
-    held-out class is held out of every corpus).
+    held-out class is held out of every corpus). ``balance``: each corpus weighs the same in the
+    detector's fit (``corpus_weights``).
 
     Returns ``{"classes": [...], "methods": {name: {"per_class": {cls: metrics}, "pooled": metrics}},
     "thresholds": {cls: p_stop}, "labels": counts}`` (and ``per_corpus`` under each method when pooled).
     """
     df = runs if "keep_running" in runs.columns else label_runs(runs)
     curves = run_curves(df)
+    weights = corpus_weights(df) if balance else None
     params = dict(detector_params or {})
     rules = SIMPLE_RULES if rules is None else rules
     classes = sorted(df[CLASS_COLUMN].unique())
@@ -305,7 +336,8 @@ def evaluate(runs, *, detector_params=None, rules=None) -> dict:
         test = np.flatnonzero(df[CLASS_COLUMN].to_numpy() == cls)
         train = np.flatnonzero(df[CLASS_COLUMN].to_numpy() != cls)
         det = FailureDetector(**params).fit([curves[i] for i in train], df["failed"].to_numpy()[train],
-                                            keep_running=df["keep_running"].to_numpy()[train])
+                                            keep_running=df["keep_running"].to_numpy()[train],
+                                            sample_weight=None if weights is None else weights[train])
         thresholds[cls] = det.p_stop_
         for i in test:
             v = det.detect(curves[i])

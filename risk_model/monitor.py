@@ -101,23 +101,35 @@ class FailureWatch:
         self.verdict = None
         self._said: set[str] = set()
 
-    def start(self, total_steps) -> None:
-        """Begin a run of ``total_steps`` planned steps (None: unknown, only the divergence rule acts)."""
+    def start(self, total_steps, *, prior: float | None = None, marginal_loss: float | None = None) -> None:
+        """Begin a run of ``total_steps`` planned steps (None: unknown, only the divergence rule acts).
+
+        ``prior`` is the pre-flight P(failed) at the run's learning rate, ``marginal_loss`` the task's
+        R (``detector.marginal_loss``). Without a detector of its own the watch takes the shipped one
+        that reads what it is given (``FailureDetector.load_default``); a detector given that needs
+        an input the run lacks is said once, and only the divergence rule acts."""
         from .detector import FailureDetector, RunWatch
 
         det = self.detector
         if det is None:
-            det = FailureDetector.load_default()
+            det = FailureDetector.load_default(prior=prior is not None, marginal=marginal_loss is not None)
         elif not isinstance(det, FailureDetector):
             det = FailureDetector.load(det)
         self.detector = det
+        self.verdict = None
+        lacks = [w for w, need, have in (("the pre-flight P(failed) (a learning rate and the pre-flight check)",
+                                          det.use_prior, prior), ("marginal_loss", det.use_marginal, marginal_loss))
+                 if need and have is None]
         if total_steps is None or not total_steps > 0:
             self.say_once("steps", "the failure detector needs the planned number of training steps (steps=...): "
                                    "only the divergence rule (non-finite, loss > 50, gradient norm > 500) is checked")
             self.run = RunWatch(None, None)
+        elif lacks:
+            self.say_once("lacks", f"this failure detector needs {' and '.join(lacks)}: only the divergence rule "
+                                   f"(non-finite, loss > 50, gradient norm > 500) is checked")
+            self.run = RunWatch(None, None)
         else:
-            self.run = det.watch(total_steps)
-        self.verdict = None
+            self.run = det.watch(total_steps, marginal_loss=marginal_loss, prior=prior)
 
     def say_once(self, key: str, text: str) -> None:
         if key not in self._said:
@@ -188,6 +200,24 @@ def make_request(**kwargs):
     return Request(**{k: v for k, v in kwargs.items() if k in names and v is not None})
 
 
+def preflight_prior(assessment: dict | None) -> float | None:
+    """The pre-flight P(failed) at the run's learning rate from a check's result (``check()``,
+    ``risk predict --json``): the first prediction at a stated LR; None without one."""
+    if not assessment:
+        return None
+    for p in assessment.get("predictions", []):
+        if p.get("lr") is not None and p.get("p_failed") is not None and math.isfinite(p["p_failed"]):
+            return float(p["p_failed"])
+    return None
+
+
+def check_marginal(marginal_loss) -> None:
+    """A stated marginal loss must be a positive number of nats (None: not stated)."""
+    if marginal_loss is not None and not (isinstance(marginal_loss, (int, float)) and math.isfinite(marginal_loss)
+                                          and marginal_loss > 0):
+        raise ValueError(f"marginal_loss must be a positive number of nats, got {marginal_loss!r}")
+
+
 def check_watch(threshold: float, every) -> None:
     """The settings a monitor and both callbacks share: ``threshold`` in (0, 1), ``every`` ≥ 1 whole steps."""
     if not 0 < threshold < 1:
@@ -237,7 +267,11 @@ class RiskMonitor:
         What ``observe()`` does once the run is failing: "stop" raises ``RunFailingError`` (with
         the reason), "warn" logs one line and training goes on.
     detector : FailureDetector, str or Path, optional
-        The failure detector of ``observe()``; the shipped one when omitted.
+        The failure detector of ``observe()``; when omitted, the shipped one that reads what this
+        run gives: the pre-flight P(failed) at ``lr`` once ``check()`` has run, and ``marginal_loss``.
+    marginal_loss : float, optional
+        The task's marginal loss R (nats; ``detector.marginal_loss`` of a sample of the training
+        targets): the detector then also reads how far the loss is above it.
 
     Attributes
     ----------
@@ -248,11 +282,13 @@ class RiskMonitor:
 
     def __init__(self, model, *, lr=None, optimizer="adamw", warmup=None, batch_size=None, steps=None,
                  seq_len=None, grad_clip=None, weight_decay=None, threshold=0.5, every=50, n_samples=256, rank=32,
-                 predictor=None, blocks=None, input_shape=None, seed=0, action="warn", detector=None):
+                 predictor=None, blocks=None, input_shape=None, seed=0, action="warn", detector=None,
+                 marginal_loss=None):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
+        check_marginal(marginal_loss)
         check_watch(threshold, every)
         if n_samples < 2:
             raise ValueError(f"n_samples must be at least 2, got {n_samples!r}")
@@ -275,6 +311,7 @@ class RiskMonitor:
         self.seed = seed
         self.action = action
         self.detector = detector
+        self.marginal_loss = marginal_loss
         self._failure = FailureWatch(detector, action)
         self.assumptions_: list[str] = []
         self._rows: list[dict] = []
@@ -376,7 +413,8 @@ class RiskMonitor:
         RunFailingError : ``action="stop"`` and the run has just started failing (once)
         """
         if self._failure.run is None:
-            self._failure.start(self.steps)
+            self._failure.start(self.steps, prior=preflight_prior(getattr(self, "assessment_", None)),
+                                marginal_loss=self.marginal_loss)
         was = self._failure.run.failing
         v = self._failure.observe(global_step, loss, grad_norm)
         if v.failing and not was and self.action == "stop":

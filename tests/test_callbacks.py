@@ -78,6 +78,9 @@ def test_bad_arguments_fail_at_construction():
         RiskCallback(action="halt")
     with pytest.raises(ValueError, match="every"):
         RiskCallback(every=0)
+    for bad in (0.0, -1.0, float("nan"), "3.2"):
+        with pytest.raises(ValueError, match="marginal_loss"):
+            RiskCallback(marginal_loss=bad)
 
 
 def test_hf_warn_trains_and_logs_history(tmp_path, caplog):

@@ -189,3 +189,115 @@ def test_monitor_without_steps_says_so_once_and_keeps_the_divergence_rule(caplog
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and "planned number of training steps" in said[0]
     assert "training goes on" in said[1]
+
+
+def _with_prior(X, y, informative: bool, rng):
+    """The same curves with a pre-flight P(failed): informative (high for the runs that fail) or noise."""
+    out = []
+    for c, fail in zip(X, y):
+        p = (0.8 if fail else 0.2) if informative else float(rng.uniform(0.1, 0.9))
+        out.append(RunCurve(c.steps, c.loss, c.grad_norm, c.total_steps, prior=p))
+    return out
+
+
+def test_an_informative_prior_makes_the_detector_surer_and_noise_does_not():
+    rng = np.random.default_rng(0)
+    X, y = _synthetic(rng, 60)
+    good = FailureDetector(use_prior=True, false_alarm=0.0).fit(_with_prior(X, y, True, rng), y)
+    noise = FailureDetector(use_prior=True, false_alarm=0.0).fit(_with_prior(X, y, False, rng), y)
+    w = dict(zip(good.feature_names_, good.coef_))
+    assert w["prior"] > 0.5 and abs(dict(zip(noise.feature_names_, noise.coef_))["prior"]) < w["prior"] / 3
+    # the same early curve (step 20, before any run has turned) is read as riskier under a high prior
+    early = [(s, 5.5 - 2.5 * s / 80) for s in range(1, 21)]
+    hi, lo = good.watch(T, prior=0.8), good.watch(T, prior=0.2)
+    for s, l in early:
+        a, b = hi.update(s, l, 1.0), lo.update(s, l, 1.0)
+    assert a.p_failed > b.p_failed
+    assert a.reason is None or a.reason in ("lost progress", "no progress", "loss blow-up", "gradient explosion")
+
+
+def test_prior_detector_needs_its_input_and_old_files_load(shipped, tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = _synthetic(rng, 20)
+    with pytest.raises(ValueError, match="prior"):
+        FailureDetector(use_prior=True).fit(X, y)
+    det = FailureDetector(use_prior=True).fit(_with_prior(X, y, True, rng), y)
+    with pytest.raises(ValueError, match="pass prior"):
+        det.watch(T)
+    with pytest.raises(ValueError, match="probability"):
+        det.watch(T, prior=1.5)
+    doc = shipped.to_dict()
+    doc["params"].pop("use_prior")  # a file written before use_prior existed
+    old = FailureDetector.from_dict(doc)
+    assert old.use_prior is False and old.feature_names_ == shipped.feature_names_
+
+
+def test_marginal_loss_is_the_entropy_of_the_target_frequencies():
+    import torch
+
+    from risk_model.detector import marginal_loss
+
+    assert marginal_loss(list(range(8)) * 5) == pytest.approx(math.log(8), abs=1e-12)
+    t = torch.tensor([[0, 0, 0, 1], [1, 1, 2, 3]])  # p = 3/8, 3/8, 1/8, 1/8
+    expect = -(2 * 3 / 8 * math.log(3 / 8) + 2 * 1 / 8 * math.log(1 / 8))
+    assert marginal_loss(t) == pytest.approx(expect, abs=1e-12)
+    assert marginal_loss([7, 7, 7]) == 0.0
+    with pytest.raises(ValueError, match="integer"):
+        marginal_loss([0.5, 1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        marginal_loss([])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        marginal_loss([0, 4], vocab_size=4)
+
+
+def test_failure_watch_takes_the_richest_shipped_detector_the_run_can_feed(caplog, monkeypatch, tmp_path):
+    import risk_model.serve as serve
+    from risk_model.monitor import FailureWatch, preflight_prior
+
+    rng = np.random.default_rng(0)
+    X, y = _synthetic(rng, 30)
+    Xp = _with_prior(X, y, True, rng)
+    Xm = [RunCurve(c.steps, c.loss, c.grad_norm, c.total_steps, 2.0, c.prior) for c in Xp]
+    monkeypatch.setattr(serve, "default_predictor_path", lambda: tmp_path)
+    FailureDetector().fit(X, y).save(default_detector_path())
+    FailureDetector(use_prior=True).fit(Xp, y).save(default_detector_path(use_prior=True))
+    # no prior+marginal variant shipped: a run with both gets the prior one
+    for prior, R, want in ((None, None, (False, False)), (0.3, None, (True, False)), (None, 3.2, (False, False)),
+                           (0.3, 3.2, (True, False))):
+        fw = FailureWatch()
+        fw.start(T, prior=prior, marginal_loss=R)
+        assert (fw.detector.use_prior, fw.detector.use_marginal) == want
+        assert math.isfinite(fw.observe(1, 5.0, 1.0).p_failed)  # the model's P, not the hard rules alone
+    FailureDetector(use_prior=True, use_marginal=True).fit(Xm, y).save(default_detector_path(use_prior=True,
+                                                                                             use_marginal=True))
+    fw = FailureWatch()
+    fw.start(T, prior=0.3, marginal_loss=3.2)
+    assert fw.detector.use_prior and fw.detector.use_marginal
+    # a detector given that needs the prior, on a run without one: said once, the divergence rule only
+    fw = FailureWatch(FailureDetector(use_prior=True).fit(Xp, y))
+    with caplog.at_level(logging.WARNING, logger="risk_model.monitor"):
+        fw.start(T)
+        assert math.isnan(fw.observe(1, 5.0, 1.0).p_failed)
+        assert fw.observe(2, float("nan"), 1.0).failing
+    assert sum("pre-flight P(failed)" in r.getMessage() for r in caplog.records) == 1
+    assert preflight_prior({"predictions": [{"lr": None, "p_failed": 0.9}, {"lr": 1e-3, "p_failed": 0.25}]}) == 0.25
+    assert preflight_prior({"predictions": []}) is None and preflight_prior(None) is None
+
+
+def test_sample_weight_zero_is_a_run_left_out_and_corpora_can_weigh_the_same():
+    import pandas as pd
+
+    from risk_model.detector_eval import corpus_weights
+
+    rng = np.random.default_rng(0)
+    X, y = _synthetic(rng, 40)
+    Xn, yn = _synthetic(np.random.default_rng(5), 10)
+    yn = ~yn  # ten runs with their labels flipped: weight 0 must be as if they were not there
+    w = np.r_[np.ones(len(X)), np.zeros(len(Xn))]
+    a = FailureDetector().fit(X + Xn, np.r_[y, yn], sample_weight=w)
+    b = FailureDetector().fit(X, y)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="sample_weight"):
+        FailureDetector().fit(X, y, sample_weight=np.zeros(len(X)))
+    cw = corpus_weights(pd.DataFrame({"corpus": ["a", "a", "a", "b"]}))
+    np.testing.assert_allclose(cw, [2 / 3, 2 / 3, 2 / 3, 2.0])

@@ -184,10 +184,11 @@ def check_task_data(name: str) -> None:
 
 
 def unigram_entropy(data: np.ndarray, vocab_size: int = 256) -> float:
-    """Entropy in nats of the symbol frequencies of ``data`` (shape (n,), ints < vocab_size)."""
-    counts = np.bincount(data.astype(np.int64), minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    """Entropy in nats of the symbol frequencies of ``data`` (shape (n,), ints < vocab_size): the
+    task's marginal loss, by the one rule of ``detector.marginal_loss``."""
+    from ..detector import marginal_loss
+
+    return marginal_loss(data, vocab_size)
 
 
 class TextTask:
