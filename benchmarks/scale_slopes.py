@@ -1,5 +1,6 @@
 """The scale exponents of lr_fail: fitted on corpus-v3's ladders alone, on corpus-v2 + corpus-v3
-pooled, and as shipped (slopes of the axes corpus-v3 varies from its ladders, the rest pooled).
+pooled, as shipped (slopes of the axes corpus-v3 varies from its networks, the rest pooled), and on
+the fixed-architecture scale-ladder stages alone (each axis varied one at a time).
 
 The linear part only (no trees), fail model, ``failed`` label, every network (no hold-out): the
 slopes per unit of ln axis with their Laplace sd. Writes results/scale_slopes.json.
@@ -26,11 +27,19 @@ def main() -> int:
     from risk_model.heldout_v3 import _index, load_v3
     from risk_model.lrmodel import SCALE_COLUMNS, LogLRModel
 
+    import pandas as pd
+
     nets, runs, _ = load_v3(CORPORA)
-    out = {"networks": {"corpus-v2": int((~nets["full_ladder"]).sum()), "corpus-v3": int(nets["full_ladder"].sum())}}
+    stage = pd.read_parquet(CORPORA[1] / "runs.parquet", columns=["model_id", "stage"]).groupby("model_id")["stage"].first()
+    ladders = nets["parent_id"].map(stage).fillna("").str.startswith("scale-").to_numpy() & nets["full_ladder"].to_numpy()
+    out = {"networks": {"corpus-v2": int((~nets["full_ladder"]).sum()), "corpus-v3": int(nets["full_ladder"].sum()),
+                        "corpus-v3 scale-ladder stages": int(ladders.sum())}}
     for name, mask, sr in (("corpus-v3 alone", nets["full_ladder"].to_numpy(), None),
                            ("pooled", np.ones(len(nets), bool), None),
-                           ("shipped: ladder slopes", np.ones(len(nets), bool), nets["full_ladder"].to_numpy())):
+                           ("shipped: ladder slopes", np.ones(len(nets), bool), nets["full_ladder"].to_numpy()),
+                           # the fixed-architecture ladders alone (stages scale-width/-depth/-batch/-seq and
+                           # their shorter horizons): each axis varied one at a time, gpt and hf_llama, AdamW
+                           ("scale-ladder stages alone", ladders, None)):
         n = nets[mask].reset_index(drop=True)
         r = runs[runs["model_id"].isin(set(n["model_id"]))].reset_index(drop=True)
         m = LogLRModel(groups=(), n_estimators=0).fit(
