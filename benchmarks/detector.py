@@ -548,6 +548,11 @@ def fit_variants(ships: dict) -> None:
     from risk_model.detector import FailureDetector, default_detector_path
     from risk_model.detector_eval import preflight_priors, run_curves
 
+    for name, ok in ships.items():
+        if not ok:
+            default_detector_path(**VARIANTS[name]).unlink(missing_ok=True)
+    if not any(ships.values()):
+        return
     frames, _ = _load([CORPUS, CORPUS_V3])
     df = _pool(frames)
     df["prior"] = preflight_priors(df, [CORPUS.parent, CORPUS_V3.parent])
