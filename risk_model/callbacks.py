@@ -28,9 +28,9 @@ from __future__ import annotations
 import logging
 import math
 
+from .detector import check_marginal
 from .errors import UsageError
-from .monitor import (ACTIONS, DivergenceRiskError, FailureWatch, RiskMonitor, check_marginal, check_watch,
-                      optimizer_name, preflight_prior)
+from .monitor import ACTIONS, DivergenceRiskError, FailureWatch, RiskMonitor, check_watch, optimizer_name, preflight_prior
 
 logger = logging.getLogger(__name__)
 

@@ -141,6 +141,13 @@ class RunCurve:
     prior: float | None = None
 
 
+def check_marginal(marginal_loss) -> None:
+    """A stated marginal loss must be a positive number of nats (None: not stated)."""
+    if marginal_loss is not None and not (isinstance(marginal_loss, (int, float)) and math.isfinite(marginal_loss)
+                                          and marginal_loss > 0):
+        raise ValueError(f"marginal_loss must be a positive number of nats, got {marginal_loss!r}")
+
+
 def _feature_names(use_marginal: bool, use_prior: bool = False) -> list[str]:
     base = (list(BASE_FEATURES) + (list(MARGINAL_FEATURES) if use_marginal else [])
             + (list(PRIOR_FEATURES) if use_prior else []))
@@ -169,8 +176,7 @@ class RunWatch:
         if total_steps is not None and not (isinstance(total_steps, (int, float)) and total_steps >= 1
                                             and math.isfinite(total_steps)):
             raise ValueError(f"total_steps must be a positive number of steps, got {total_steps!r}")
-        if marginal_loss is not None and not (math.isfinite(marginal_loss) and marginal_loss > 0):
-            raise ValueError(f"marginal_loss must be a positive number, got {marginal_loss!r}")
+        check_marginal(marginal_loss)
         if prior is not None and not (isinstance(prior, (int, float)) and 0 <= prior <= 1):
             raise ValueError(f"prior must be a probability in [0, 1], got {prior!r}")
         self.detector = detector

@@ -32,6 +32,7 @@ import logging
 import math
 import time
 
+from .detector import check_marginal
 from .errors import RiskError
 
 logger = logging.getLogger(__name__)
@@ -209,13 +210,6 @@ def preflight_prior(assessment: dict | None) -> float | None:
         if p.get("lr") is not None and p.get("p_failed") is not None and math.isfinite(p["p_failed"]):
             return float(p["p_failed"])
     return None
-
-
-def check_marginal(marginal_loss) -> None:
-    """A stated marginal loss must be a positive number of nats (None: not stated)."""
-    if marginal_loss is not None and not (isinstance(marginal_loss, (int, float)) and math.isfinite(marginal_loss)
-                                          and marginal_loss > 0):
-        raise ValueError(f"marginal_loss must be a positive number of nats, got {marginal_loss!r}")
 
 
 def check_watch(threshold: float, every) -> None:
