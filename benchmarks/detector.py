@@ -406,11 +406,11 @@ OUT_PRIOR = ROOT / "benchmarks" / "results" / "detector_prior.json"
 PRIOR_SECTION = "\n## With the pre-flight P(failed) and the marginal loss"
 
 
-def study_prior(v2_path=CORPUS, v3_path=CORPUS_V3) -> dict:
+def study_prior(v2_path=CORPUS, v3_path=CORPUS_V3):
     """The detector with the pre-flight P(failed) (``use_prior``, held out: ``preflight_priors``)
     and/or the marginal loss R (``use_marginal``), leave-one-class-out on corpus-v2 + corpus-v3
     pooled and on corpus-v3 alone; and which variants ship (``_beats`` the base on corpus-v3, held
-    out, without more false alarms on corpus-v2)."""
+    out, without more false alarms on corpus-v2). Returns (results, the scored runs with their priors)."""
     from risk_model.detector_eval import evaluate, preflight_priors
 
     t0 = time.perf_counter()
@@ -448,7 +448,7 @@ def study_prior(v2_path=CORPUS, v3_path=CORPUS_V3) -> dict:
                            and pc["corpus-v2"]["pooled"]["false_alarm"] <= base["corpus-v2"]["pooled"]["false_alarm"] + 1e-12)
     out["ships"] = ships
     out["seconds"] = time.perf_counter() - t0
-    return out
+    return out, df
 
 
 def report_prior(res: dict) -> str:
@@ -502,13 +502,13 @@ def main(argv=None):
     from risk_model.detector_eval import evaluate, evaluate_fixed, run_curves
 
     if a.prior:
-        resp = study_prior()
+        resp, scored = study_prior()
         OUT_PRIOR.write_text(json.dumps(resp, indent=1, default=float) + "\n")
         text = REPORT.read_text()
         REPORT.write_text(text.split(PRIOR_SECTION)[0].rstrip() + "\n" + report_prior(resp))
         print(report_prior(resp))
         if a.fit_default:
-            fit_variants(resp["ships"])
+            fit_variants(resp["ships"], scored)
         return
     if a.v3:
         res3 = study_v3()
@@ -542,21 +542,13 @@ def main(argv=None):
         print(f"wrote {DEFAULT} (p_stop {det.p_stop_:.4f}, {det.n_runs_} runs)")
 
 
-def fit_variants(ships: dict) -> None:
-    """Fit each variant that ships on every run of corpus-v2 + corpus-v3 (with held-out priors) and
-    write it beside the base detector; remove the file of a variant that does not ship."""
+def fit_variants(ships: dict, df) -> None:
+    """Fit each variant that ships on every run of ``df`` (corpus-v2 + corpus-v3 with their held-out
+    priors, as ``study_prior`` scored them) and write it beside the base detector; remove the file
+    of a variant that does not ship."""
     from risk_model.detector import FailureDetector, default_detector_path
-    from risk_model.detector_eval import preflight_priors, run_curves
+    from risk_model.detector_eval import run_curves
 
-    for name, ok in ships.items():
-        if not ok:
-            default_detector_path(**VARIANTS[name]).unlink(missing_ok=True)
-    if not any(ships.values()):
-        return
-    frames, _ = _load([CORPUS, CORPUS_V3])
-    df = _pool(frames)
-    df["prior"] = preflight_priors(df, [CORPUS.parent, CORPUS_V3.parent])
-    df = df[np.isfinite(df["prior"])].reset_index(drop=True)
     for name, ok in ships.items():
         params = VARIANTS[name]
         path = default_detector_path(**params)
