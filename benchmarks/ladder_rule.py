@@ -1,24 +1,22 @@
-"""Study (not shipped): a sweep-aware stop rule for the runs of one LR ladder, on corpus-v3's stored curves.
+"""Fit and measure the sweep-aware stop rule (``risk_model.ladder_watch``) on corpus-v3's stored curves.
 
 The single-run detector (``risk_model.detector``) cannot know the model's best loss B, so it misses
 most "plateau high" failures (a run that learns, but ends far above what its best sibling reaches).
-In an LR sweep the siblings are there. This rule stops a run at point t when
+In an LR sweep the siblings are there. Each model's ladder is replayed side by side through the
+library's own rule (``ladder_watch.replay``: its definition is in that module) for every point of a
+grid of its parameters; a run on the paper's divergence label counts as stopped at its divergence
+step (the watch, reading every step, stops it there). Runs: corpus-v3's full-length rows, labels as
+stored. Keep-running runs: not failed and final eval loss ≤ 1.05 × the model's best. The grid point
+is chosen leave-one-class-out (most recall with false alarms ≤ 2% on the other classes, then most
+steps saved; the fewest false alarms where no grid point keeps 2%) and scored on the held-out class.
+``--fit-default`` writes the point chosen the same way on every class, with the held-out precision
+(the verdict's P(failed) once failing), to ``models/default/detector/ladder.json``.
 
-- its LR is above the LR of the sibling with the lowest smoothed loss at t (B_t), and
-- its smoothed loss (trailing mean of ``SMOOTH`` stored points, every 10 steps) is above
-  B_t + θ (R − B_t), R the task's marginal loss (``labels.failed``'s clause with θ for ½),
-- for ``persist`` × planned points in a row (at least 3), not before ``fmin`` × planned steps;
-
-and at the first non-finite loss; a run on the paper's divergence label counts as stopped (the hard
-rule). Runs: corpus-v3's full-length rows, labels as stored. Keep-running runs: not failed and
-final eval loss ≤ 1.05 × the model's best. The grid point is chosen leave-one-class-out (most recall
-with false alarms ≤ 2% on the other classes, then most steps saved; the fewest false alarms where
-no grid point keeps 2%) and scored on the held-out class.
-
-    python -u benchmarks/ladder_rule.py   # about a minute; writes benchmarks/results/ladder_rule.json
+    python -u benchmarks/ladder_rule.py [--fit-default]   # ~3-5 min; writes benchmarks/results/ladder_rule.json
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from pathlib import Path
@@ -26,51 +24,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from risk_model.ladder_watch import LadderRule, default_rule_path, replay
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "ladder_rule.json"
 SMOOTH = 3
-GRID = dict(theta=(0.5, 0.6, 0.7, 0.8), fmin=(0.05, 0.1, 0.2), persist=(0.02, 0.05, 0.1))
+GRID = dict(theta=(0.5, 0.6, 0.7, 0.8), fmin=(0.1, 0.2), persist=(0.05, 0.1), min_gap=(0.0, 0.1, 0.2))
 FA_BUDGET = 0.02
 
 
-def smooth(c, k=SMOOTH):
-    c = np.asarray(c, float)  # (n_points,)
-    out = np.convolve(c, np.ones(k) / k)[: len(c)]
-    for i in range(min(k - 1, len(c))):
-        out[i] = c[: i + 1].mean()
-    return out
-
-
-def stops(f: pd.DataFrame, theta: float, fmin: float, persist: float) -> np.ndarray:
-    """Fraction of the planned steps saved per run (NaN: not stopped), in the row order of ``f``."""
+def stops(f: pd.DataFrame, theta: float, fmin: float, persist: float, min_gap: float = 0.0) -> np.ndarray:
+    """Fraction of the planned steps saved per run (NaN: not stopped), in the row order of ``f``:
+    each model's ladder replayed side by side through ``risk_model.ladder_watch``."""
+    rule = LadderRule(theta=theta, fmin=fmin, persist=persist, min_gap=min_gap, smooth_points=SMOOTH)
     saved = pd.Series(np.nan, index=f.index)
     for _, g in f.groupby("model_id"):
-        cs = [smooth(c) for c in g.loss_curve_10]
-        M = np.full((len(cs), max(map(len, cs))), np.nan)  # (n_runs, n_points)
-        for i, c in enumerate(cs):
-            M[i, : len(c)] = c
-        Mf = np.where(np.isfinite(M), M, np.inf)
-        B, lr_b = Mf.min(0), g.lr.to_numpy()[Mf.argmin(0)]  # (n_points,)
-        R = float(g.marginal_loss.iloc[0])
-        for i, row in enumerate(g.itertuples()):
-            planned = int(np.ceil(row.steps / 10))
-            need = max(3, int(round(persist * planned)))
-            c = M[i, : len(cs[i])]
-            cond = (row.lr > lr_b[: len(c)]) & (c > B[: len(c)] + theta * (R - B[: len(c)]))
-            cond[: int(np.ceil(fmin * planned))] = False
-            stop, run = None, 0
-            for t in range(len(c)):
-                if not np.isfinite(c[t]):
-                    stop = t
-                    break
-                run = run + 1 if cond[t] else 0
-                if run >= need:
-                    stop = t
-                    break
-            if stop is None and row.diverged:
-                stop = len(c)
-            if stop is not None:
-                saved[row.Index] = 1 - stop / planned
+        ladder = [dict(lr=r.lr, steps=r.steps, loss_curve=r.loss_curve_10, grad_norm_curve=r.grad_norm_curve_10,
+                       diverged=r.diverged, diverge_step=r.diverge_step) for r in g.itertuples()]
+        for idx, row, s in zip(g.index, g.itertuples(), replay(ladder, rule, float(g.marginal_loss.iloc[0]))):
+            if s is not None:
+                saved[idx] = 1 - min(s[0], row.steps) / row.steps
     return saved.to_numpy()
 
 
@@ -81,37 +54,59 @@ def metrics(f, saved) -> dict:
     return dict(n_failed=int(F.sum()), n_keep=int(K.sum()), recall=float(hit[F].mean()),
                 recall_learning_models=float(hit[F & ~nl].mean()) if (F & ~nl).any() else None,
                 saved_median=float(np.median(saved[F & hit])) if (F & hit).any() else None,
-                false_alarm=float(hit[K].mean()) if K.any() else None, n_false_alarm=int(hit[K].sum()))
+                false_alarm=float(hit[K].mean()) if K.any() else None, n_false_alarm=int(hit[K].sum()),
+                n_stopped=int(hit.sum()), precision=float(F[hit].mean()) if hit.any() else None)
 
 
-def main():
+def choose(m: dict):
+    """The grid point with most recall within the false-alarm budget (then most steps saved); where
+    none keeps it, the fewest false alarms."""
+    ok = [c for c in m if m[c]["false_alarm"] <= FA_BUDGET]
+    if ok:
+        return max(ok, key=lambda c: (m[c]["recall"], m[c]["saved_median"] or 0.0))
+    return min(m, key=lambda c: (m[c]["false_alarm"], -m[c]["recall"]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fit-default", action="store_true",
+                    help="also write the rule chosen on every class, with its held-out precision, to "
+                         "models/default/detector/ladder.json")
+    args = ap.parse_args(argv)
     r = pd.read_parquet(REPO / "datasets/corpus-v3/runs.parquet")
     f = r[r.steps == r.horizon_of].reset_index(drop=True)
     f["keep"] = ~f.failed & (f.final_eval_loss <= 1.05 * f.best_loss)
     combos = list(itertools.product(*GRID.values()))
-    S = {c: stops(f, *c) for c in combos}
+    S = {}
+    for k, c in enumerate(combos, 1):
+        S[c] = stops(f, *c)
+        print(f"\rreplayed {k}/{len(combos)} grid points", end="", flush=True)
+    print()
     grid = [dict(zip(GRID, c), **metrics(f, S[c])) for c in combos]
     loco, held = {}, np.full(len(f), np.nan)
     for cls in sorted(f.family.unique()):
         tr, te = (f.family != cls).to_numpy(), (f.family == cls).to_numpy()
-        m_tr = {c: metrics(f[tr], S[c][tr]) for c in combos}
-        ok = [c for c in combos if m_tr[c]["false_alarm"] <= FA_BUDGET]
-        # most recall within the budget; where no grid point keeps it, the fewest false alarms
-        best = (max(ok, key=lambda c: (m_tr[c]["recall"], m_tr[c]["saved_median"])) if ok
-                else min(combos, key=lambda c: (m_tr[c]["false_alarm"], -m_tr[c]["recall"])))
+        best = choose({c: metrics(f[tr], S[c][tr]) for c in combos})
         held[te] = S[best][te]
         loco[cls] = dict(zip(GRID, best), **metrics(f[te], S[best][te]))
+    pooled = metrics(f, held)
+    chosen = choose({c: metrics(f, S[c]) for c in combos})
     out = dict(runs=int(len(f)), models=int(f.model_id.nunique()), smooth_points=SMOOTH, fa_budget=FA_BUDGET,
-               heldout_pooled=metrics(f, held), heldout_per_class=loco, grid_in_sample=grid)
+               heldout_pooled=pooled, heldout_per_class=loco,
+               chosen_on_all=dict(zip(GRID, chosen), **metrics(f, S[chosen])), grid_in_sample=grid)
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     p = out["heldout_pooled"]
     print(f"leave-one-class-out, pooled: recall {p['recall']:.3f} (models that learn: {p['recall_learning_models']:.3f}), "
           f"steps saved median {p['saved_median']:.2f}, false alarms {p['false_alarm']:.3f} "
-          f"({p['n_false_alarm']}/{p['n_keep']})")
+          f"({p['n_false_alarm']}/{p['n_keep']}), precision {p['precision']:.3f}")
     for cls, m in loco.items():
-        print(f"  {cls:10s} θ {m['theta']} fmin {m['fmin']} persist {m['persist']}: recall {m['recall']:.2f} "
+        print(f"  {cls:10s} θ {m['theta']} fmin {m['fmin']} persist {m['persist']} min_gap {m['min_gap']}: recall {m['recall']:.2f} "
               f"FA {m['false_alarm'] if m['false_alarm'] is not None else float('nan'):.3f} ({m['n_false_alarm']}/{m['n_keep']})")
+    print("chosen on every class: " + ", ".join(f"{k} {v}" for k, v in zip(GRID, chosen)))
     print(f"wrote {OUT.relative_to(REPO)}")
+    if args.fit_default:
+        rule = LadderRule(**dict(zip(GRID, chosen)), smooth_points=SMOOTH, precision=round(p["precision"], 4))
+        print(f"wrote {rule.save(default_rule_path()).relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class _RiskWatch:
     word the messages, and profile every ``every`` steps."""
 
     def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None, blocks=None,
-                 input_shape=None, spectral=True, detector=None, detect_every=10, marginal_loss=None):
+                 input_shape=None, spectral=True, detector=None, detect_every=10, marginal_loss=None, ladder=None):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         check_watch(threshold, every)
@@ -53,7 +53,7 @@ class _RiskWatch:
         self.action = action
         self.spectral = spectral
         self.detect_every = int(detect_every)
-        self.failure = FailureWatch(detector, action)
+        self.failure = FailureWatch(detector, action, ladder)
         self.threshold = threshold
         self.every = int(every)
         self.n_samples = n_samples
@@ -105,9 +105,10 @@ class _RiskWatch:
         """The failure detector's latest verdict (``risk_model.detector.Verdict``; None before any)."""
         return self.failure.verdict
 
-    def _start_failure(self, steps) -> None:
-        """Begin the failure detector, with the pre-flight P(failed) when the check ran."""
-        self.failure.start(steps, prior=preflight_prior(self.assessment_), marginal_loss=self.marginal_loss)
+    def _start_failure(self, steps, lr=None) -> None:
+        """Begin the failure detector, with the pre-flight P(failed) when the check ran (and, with a
+        ``ladder``, join the sweep at the run's peak LR ``lr``)."""
+        self.failure.start(steps, prior=preflight_prior(self.assessment_), marginal_loss=self.marginal_loss, lr=lr)
 
     def _observe(self, step: int, loss, grad_norm) -> tuple[dict, bool]:
         """The failure detector on one step: (metrics to log, whether to stop now)."""
@@ -193,6 +194,10 @@ def _make_hf_callback():
         marginal_loss : float, optional
             The task's marginal loss R in nats (``risk_model.detector.marginal_loss`` of a sample of
             the training targets); the detector then also reads the loss against it.
+        ladder : risk_model.ladder_watch.LadderWatch, optional
+            One per LR sweep, shared by the callbacks of its runs (in one process, one run after
+            another or side by side): a run is also failing once it is far behind a lower-LR sibling
+            (reason ``"behind siblings"``, ``risk_model.ladder_watch``).
         detect_every : int, default 10
             Lightning only (the HF callback reads every training log).
         seq_len : int, optional
@@ -208,10 +213,10 @@ def _make_hf_callback():
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
                      blocks=None, input_shape=None, spectral=True, detector=None, detect_every=10, seq_len=None,
-                     marginal_loss=None):
+                     marginal_loss=None, ladder=None):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
                              blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
-                             detect_every=detect_every, marginal_loss=marginal_loss)
+                             detect_every=detect_every, marginal_loss=marginal_loss, ladder=ladder)
             self.seq_len = seq_len
             self.trainer = None
             self._said_unattached = False
@@ -256,13 +261,13 @@ def _make_hf_callback():
             batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
             if not self.spectral:
-                self._start_failure(steps)
+                self._start_failure(steps, lr)
                 return
             metrics = self._begin(model, stop_allowed=state.global_step == 0, assumed=assumed, lr=lr,
                                   optimizer=name or str(getattr(args, "optim", None)), warmup=warmup,
                                   batch_size=batch, seq_len=self.seq_len, steps=steps, grad_clip=clip,
                                   weight_decay=getattr(args, "weight_decay", None))
-            self._start_failure(steps)
+            self._start_failure(steps, lr)
             self._report(metrics, state.global_step)
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -282,6 +287,9 @@ def _make_hf_callback():
             self._report(metrics, state.global_step)
             if stop:
                 control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.failure.finish()
 
     RiskCallback.__module__ = __name__
     return RiskCallback
@@ -310,7 +318,7 @@ def _make_lightning_callback():
 
         Parameters
         ----------
-        action, threshold, every, n_samples, predictor, blocks, input_shape, spectral, detector, marginal_loss
+        action, threshold, every, n_samples, predictor, blocks, input_shape, spectral, detector, marginal_loss, ladder
             As for ``RiskCallback``.
         detect_every : int, default 10
         warmup, batch_size : float, optional
@@ -320,10 +328,10 @@ def _make_lightning_callback():
 
         def __init__(self, action="warn", *, threshold=0.5, every=50, n_samples=256, predictor=None,
                      blocks=None, input_shape=None, warmup=None, batch_size=None, seq_len=None, spectral=True,
-                     detector=None, detect_every=10, marginal_loss=None):
+                     detector=None, detect_every=10, marginal_loss=None, ladder=None):
             super().__init__(action, threshold=threshold, every=every, n_samples=n_samples, predictor=predictor,
                              blocks=blocks, input_shape=input_shape, spectral=spectral, detector=detector,
-                             detect_every=detect_every, marginal_loss=marginal_loss)
+                             detect_every=detect_every, marginal_loss=marginal_loss, ladder=ladder)
             self.warmup = warmup
             self.batch_size = batch_size
             self.seq_len = seq_len
@@ -355,15 +363,18 @@ def _make_lightning_callback():
             clip = trainer.gradient_clip_val or None
             self._last_step = trainer.global_step
             if not self.spectral:
-                self._start_failure(steps)
+                self._start_failure(steps, _peak_lr(opt))
                 return
             metrics = self._begin(pl_module, stop_allowed=trainer.global_step == 0, assumed=assumed,
                                   lr=_peak_lr(opt), optimizer=opt if opt is not None else None,
                                   warmup=self.warmup, batch_size=self.batch_size, seq_len=self.seq_len, steps=steps,
                                   grad_clip=clip)
-            self._start_failure(steps)
+            self._start_failure(steps, _peak_lr(opt))
             self._last_step = trainer.global_step
             self._report(trainer, metrics)
+
+        def on_train_end(self, trainer, pl_module):
+            self.failure.finish()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step

@@ -64,7 +64,8 @@ FORMAT = "divergence-risk-failure-detector"
 FORMAT_VERSION = 1
 
 #: the reasons a verdict can give (None while not failing)
-REASONS = ("non-finite", "loss blow-up", "gradient explosion", "lost progress", "no progress")
+REASONS = ("non-finite", "loss blow-up", "gradient explosion", "lost progress", "no progress",
+           "behind siblings")  # the last: the sweep-aware rule, risk_model.ladder_watch
 #: the number each reason is logged as (``risk/reason``)
 REASON_CODES = {None: 0, **{r: i for i, r in enumerate(REASONS, 1)}}
 _HARD_REASON = {"nonfinite": "non-finite", "loss": "loss blow-up", "grad_norm": "gradient explosion"}
@@ -117,9 +118,10 @@ class Verdict:
 
     def message(self) -> str:
         """The verdict in words, one line."""
+        p = f" (P(failed by the end) {self.p_failed:.2f})" if math.isfinite(self.p_failed) else ""
         if not self.failing:
-            return f"step {self.step}: not failing (P(failed by the end) {self.p_failed:.2f})"
-        return f"run failing at step {self.step}: {self.reason} (P(failed by the end) {self.p_failed:.2f})"
+            return f"step {self.step}: not failing{p}"
+        return f"run failing at step {self.step}: {self.reason}{p}"
 
 
 @dataclass

@@ -55,6 +55,18 @@ def never_learns(best_loss: float, marginal_loss: float) -> bool:
     return not math.isfinite(best_loss) or best_loss >= (1.0 - NEVER_LEARNS_MARGIN) * marginal_loss
 
 
+def lost_limit(best_loss: float, marginal_loss: float, fraction: float = LOST_FRACTION) -> float:
+    """``B + fraction · (R − B)``: the loss above which a run has lost more than ``fraction`` of what
+    the best run (loss ``B``) learned against the task's marginal loss ``R``. ``failed`` uses it with
+    ``LOST_FRACTION`` on the final loss; the sweep-aware stop rule (``risk_model.ladder_watch``) with
+    its fitted fraction on the loss so far.
+
+    >>> lost_limit(2.0, 6.0), lost_limit(2.0, 6.0, 0.75)
+    (4.0, 5.0)
+    """
+    return best_loss + fraction * (marginal_loss - best_loss)
+
+
 def failed(diverged: bool, lr: float, final_loss: float, best_lr: float, best_loss: float,
            marginal_loss: float) -> bool:
     """The ``failed`` label of one run of a ladder.
@@ -71,8 +83,7 @@ def failed(diverged: bool, lr: float, final_loss: float, best_lr: float, best_lo
         return True
     if lr <= best_lr:
         return False
-    limit = best_loss + LOST_FRACTION * (marginal_loss - best_loss)
-    return not math.isfinite(final_loss) or final_loss > limit
+    return not math.isfinite(final_loss) or final_loss > lost_limit(best_loss, marginal_loss)
 
 
 def too_slow(final_loss: float, best_loss: float, marginal_loss: float) -> bool:
@@ -83,7 +94,7 @@ def too_slow(final_loss: float, best_loss: float, marginal_loss: float) -> bool:
     >>> too_slow(5.0, 2.0, 5.54), too_slow(3.0, 2.0, 5.54)
     (True, False)
     """
-    return not math.isfinite(final_loss) or final_loss > best_loss + TOO_SLOW_FRACTION * (marginal_loss - best_loss)
+    return not math.isfinite(final_loss) or final_loss > lost_limit(best_loss, marginal_loss, TOO_SLOW_FRACTION)
 
 
 def _smooth(values) -> list[float]:

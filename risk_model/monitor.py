@@ -93,22 +93,31 @@ class FailureWatch:
         The fitted detector or its JSON file; the shipped one (``models/default/detector``) when omitted.
     action : {"warn", "stop"}
         Only worded here (whether the caller stops).
+    ladder : risk_model.ladder_watch.LadderWatch, optional
+        Shared by the runs of one LR sweep: the run is also failing once it is far behind a
+        lower-LR sibling (``ladder_watch``'s sibling rule, reason ``"behind siblings"``).
     """
 
-    def __init__(self, detector=None, action="warn"):
+    def __init__(self, detector=None, action="warn", ladder=None):
+        check_ladder(ladder)
         self.detector = detector
         self.action = action
+        self.ladder = ladder
         self.run = None
+        self.ladder_run = None
         self.verdict = None
         self._said: set[str] = set()
 
-    def start(self, total_steps, *, prior: float | None = None, marginal_loss: float | None = None) -> None:
+    def start(self, total_steps, *, prior: float | None = None, marginal_loss: float | None = None,
+              lr: float | None = None) -> None:
         """Begin a run of ``total_steps`` planned steps (None: unknown, only the divergence rule acts).
 
         ``prior`` is the pre-flight P(failed) at the run's learning rate, ``marginal_loss`` the task's
         R (``detector.marginal_loss``). Without a detector of its own the watch takes the shipped one
         that reads what it is given (``FailureDetector.load_default``); a detector given that needs
-        an input the run lacks is said once, and only the divergence rule acts."""
+        an input the run lacks is said once, and only the divergence rule acts. With a ``ladder``,
+        the run joins it at its peak learning rate ``lr`` (without ``lr`` or the planned steps, said
+        once, and the sibling rule does not act on this run)."""
         from .detector import FailureDetector, RunWatch
 
         det = self.detector
@@ -131,6 +140,13 @@ class FailureWatch:
             self.run = RunWatch(None, None)
         else:
             self.run = det.watch(total_steps, marginal_loss=marginal_loss, prior=prior)
+        self.ladder_run = None
+        if self.ladder is not None:
+            if lr is None or total_steps is None or not total_steps > 0:
+                self.say_once("ladder", "the sweep-aware rule needs the run's learning rate and planned steps: "
+                                        "it does not act on this run")
+            else:
+                self.ladder_run = self.ladder.run(float(lr), total_steps)
 
     def say_once(self, key: str, text: str) -> None:
         if key not in self._said:
@@ -148,13 +164,34 @@ class FailureWatch:
         """Read one step; returns the verdict (a ``detector.Verdict``), None before ``start``."""
         if self.run is None:
             return None
-        was = self.run.failing
+        was = self.verdict is not None and self.verdict.failing
         v = self.run.update(step, loss, grad_norm)
+        if self.ladder_run is not None:
+            lv = self.ladder_run.update(step, loss, grad_norm)
+            if lv is not None and lv.failing and not (v is not None and v.failing):
+                v = lv
+            if v is not None and v.failing:
+                self.ladder_run.close()
         if v is not None and v.failing and not was:
             what = "stopping training" if self.action == "stop" else "training goes on (action='warn')"
             logger.warning("divergence-risk: %s; %s", v.message(), what)
         self.verdict = v
         return v
+
+    def finish(self) -> None:
+        """The run ended: its curve counts for its siblings (``ladder``) only up to its last point."""
+        if self.ladder_run is not None:
+            self.ladder_run.close()
+
+
+def check_ladder(ladder) -> None:
+    """``ladder`` must be a ``risk_model.ladder_watch.LadderWatch`` (or None)."""
+    if ladder is not None:
+        from .ladder_watch import LadderWatch
+
+        if not isinstance(ladder, LadderWatch):
+            raise TypeError(f"ladder must be a risk_model.ladder_watch.LadderWatch shared by the runs of one "
+                            f"sweep, got {type(ladder).__name__}")
 
 
 class DivergenceRiskError(RiskError):
@@ -266,6 +303,10 @@ class RiskMonitor:
     marginal_loss : float, optional
         The task's marginal loss R (nats; ``detector.marginal_loss`` of a sample of the training
         targets): the detector then also reads how far the loss is above it.
+    ladder : risk_model.ladder_watch.LadderWatch, optional
+        One per LR sweep, shared by its runs' monitors: ``observe()`` also finds the run failing
+        once it is far behind a lower-LR sibling (reason ``"behind siblings"``; needs ``lr`` and
+        ``steps``). Call ``finish()`` when a run ends.
 
     Attributes
     ----------
@@ -277,7 +318,7 @@ class RiskMonitor:
     def __init__(self, model, *, lr=None, optimizer="adamw", warmup=None, batch_size=None, steps=None,
                  seq_len=None, grad_clip=None, weight_decay=None, threshold=0.5, every=50, n_samples=256, rank=32,
                  predictor=None, blocks=None, input_shape=None, seed=0, action="warn", detector=None,
-                 marginal_loss=None):
+                 marginal_loss=None, ladder=None):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         if lr is not None and not (math.isfinite(lr) and lr > 0):
@@ -306,7 +347,7 @@ class RiskMonitor:
         self.action = action
         self.detector = detector
         self.marginal_loss = marginal_loss
-        self._failure = FailureWatch(detector, action)
+        self._failure = FailureWatch(detector, action, ladder)
         self.assumptions_: list[str] = []
         self._rows: list[dict] = []
         self._bundle = None
@@ -408,8 +449,8 @@ class RiskMonitor:
         """
         if self._failure.run is None:
             self._failure.start(self.steps, prior=preflight_prior(getattr(self, "assessment_", None)),
-                                marginal_loss=self.marginal_loss)
-        was = self._failure.run.failing
+                                marginal_loss=self.marginal_loss, lr=self.lr)
+        was = self._failure.verdict is not None and self._failure.verdict.failing
         v = self._failure.observe(global_step, loss, grad_norm)
         if v.failing and not was and self.action == "stop":
             raise RunFailingError(f"divergence-risk stopped training: {v.message()}", v)
@@ -419,6 +460,11 @@ class RiskMonitor:
     def verdict(self):
         """The failure detector's latest verdict (None before ``observe``)."""
         return self._failure.verdict
+
+    def finish(self) -> None:
+        """The run ended (finished or stopped); with a ``ladder``, its siblings stop counting its curve
+        after its last point."""
+        self._failure.finish()
 
     def step(self, global_step: int, lr: float | None = None) -> dict | None:
         """Profile cheaply and record a history row when ``global_step % every == 0``.

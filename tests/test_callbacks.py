@@ -415,3 +415,53 @@ def test_lightning_stop_ends_only_a_failing_run(tmp_path, caplog, lr, stops):
     else:
         assert trainer.global_step == FAIL_STEPS and not cb.verdict.failing and said == []
         assert not logged["risk/failing"].any()
+
+
+def test_hf_sweep_stops_a_run_far_behind_its_sibling(tmp_path, caplog):
+    """Two runs of one LR sweep through one ``LadderWatch``: the run at 0.08 learns slowly (the
+    single-run detector lets it go on) while its sibling at 0.03 learns fast; it stops where the sibling rule, applied by hand to the
+    two runs' logged losses, says."""
+    from risk_model.callbacks import RiskCallback
+    from risk_model.detector import marginal_loss
+    from risk_model.ladder_watch import REASON, LadderRule, LadderWatch
+
+    R = marginal_loss(CountingData().x.reshape(-1), 64)
+    rule = LadderRule(theta=0.3, fmin=0.2, persist=0.05, min_gap=0.1, smooth_points=3, every=10, min_points=3)
+    watch = LadderWatch(R, rule)
+    good = hf_failure_trainer(tmp_path / "a", 0.03)
+    RiskCallback(action="stop", spectral=False, ladder=watch).attach(good)
+    good.train()
+    assert good.state.global_step == FAIL_STEPS
+    bad = hf_failure_trainer(tmp_path / "b", 0.08)
+    cb = RiskCallback(action="stop", spectral=False, ladder=watch).attach(bad)
+    with caplog.at_level(logging.WARNING, logger="risk_model"):
+        bad.train()
+
+    def smoothed(history):  # the recorded points (steps 1, 11, 21, ...), trailing mean of 3
+        pts = [h["loss"] for h in history if "loss" in h and (h["step"] - 1) % 10 == 0]
+        return [sum(pts[max(0, i - 2): i + 1]) / len(pts[max(0, i - 2): i + 1]) for i in range(len(pts))]
+
+    sa, sb = smoothed(good.state.log_history), smoothed(bad.state.log_history)
+    run, expect = 0, None
+    for i, step in enumerate(range(1, FAIL_STEPS + 1, 10)):
+        b = min(sa[i], sb[i]) if i < len(sb) else sa[i]
+        behind = i < len(sb) and sb[i] > b + 0.3 * (R - b) and step >= 0.2 * FAIL_STEPS and b <= 0.9 * R
+        run = run + 1 if behind else 0
+        if run >= 3:
+            expect = step
+            break
+    assert expect is not None and expect < FAIL_STEPS
+    assert bad.state.global_step == expect and cb.verdict.failing and cb.verdict.reason == REASON
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("risk_model")]
+    assert len(said) == 1 and "stopping training" in said[0] and REASON in said[0]
+    rows = risk_rows(bad.state.log_history, "risk/failing")
+    from risk_model.detector import REASON_CODES
+
+    assert rows[-1]["risk/failing"] == 1.0 and rows[-1]["risk/reason"] == REASON_CODES[REASON]
+
+
+def test_a_ladder_that_is_not_a_ladder_watch_fails_at_construction():
+    from risk_model.callbacks import RiskCallback
+
+    with pytest.raises(TypeError, match="LadderWatch"):
+        RiskCallback(ladder={"lr": 1e-3})
