@@ -465,3 +465,25 @@ def test_a_ladder_that_is_not_a_ladder_watch_fails_at_construction():
 
     with pytest.raises(TypeError, match="LadderWatch"):
         RiskCallback(ladder={"lr": 1e-3})
+
+
+def test_lightning_sweep_stops_only_the_run_behind_its_sibling(tmp_path):
+    """The sibling rule through real Lightning Trainers (the LR read from the optimizer): of two
+    runs sharing a ``LadderWatch``, the one at 0.03 trains to the end, the slower one at 0.08 stops."""
+    from risk_model.callbacks import LightningRiskCallback
+    from risk_model.detector import marginal_loss
+    from risk_model.ladder_watch import REASON, LadderRule, LadderWatch
+
+    R = marginal_loss(CountingData().x.reshape(-1), 64)
+    watch = LadderWatch(R, LadderRule(theta=0.3, fmin=0.2, persist=0.05, min_gap=0.1))
+    out = {}
+    for lr in (0.03, 0.08):
+        L, module = lightning_counting_module(lr)
+        cb = LightningRiskCallback(action="stop", spectral=False, detect_every=10, ladder=watch)
+        trainer = lightning_failure_trainer(L, tmp_path / str(lr), cb)
+        trainer.fit(module)
+        out[lr] = (trainer.global_step, cb.verdict)
+    assert out[0.03][0] == FAIL_STEPS and not out[0.03][1].failing
+    step, v = out[0.08]
+    assert v.failing and v.reason == REASON and step == v.step == 30   # points 10, 20, 30 behind
+    assert [r.lr for r in watch.runs] == [0.03, 0.08]
