@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from risk_model.ladder_watch import LadderRule, default_rule_path, replay
+from risk_model.ladder_watch import LadderRule, default_rule_path, replay_runs
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "ladder_rule.json"
@@ -37,13 +37,8 @@ def stops(f: pd.DataFrame, theta: float, fmin: float, persist: float, min_gap: f
     """Fraction of the planned steps saved per run (NaN: not stopped), in the row order of ``f``:
     each model's ladder replayed side by side through ``risk_model.ladder_watch``."""
     rule = LadderRule(theta=theta, fmin=fmin, persist=persist, min_gap=min_gap, smooth_points=SMOOTH)
-    saved = pd.Series(np.nan, index=f.index)
-    for _, g in f.groupby("model_id"):
-        ladder = [dict(lr=r.lr, steps=r.steps, loss_curve=r.loss_curve_10, grad_norm_curve=r.grad_norm_curve_10,
-                       diverged=r.diverged, diverge_step=r.diverge_step) for r in g.itertuples()]
-        for idx, row, s in zip(g.index, g.itertuples(), replay(ladder, rule, float(g.marginal_loss.iloc[0]))):
-            if s is not None:
-                saved[idx] = 1 - min(s[0], row.steps) / row.steps
+    stop = replay_runs(f, rule)
+    saved = 1 - np.minimum(stop, f.steps) / f.steps  # NaN where never stopped
     return saved.to_numpy()
 
 

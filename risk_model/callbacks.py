@@ -361,15 +361,16 @@ def _make_lightning_callback():
                 est = trainer.estimated_stepping_batches
                 steps = int(est) if isinstance(est, (int, float)) and math.isfinite(est) else None
             clip = trainer.gradient_clip_val or None
+            lr = _peak_lr(opt)
             self._last_step = trainer.global_step
             if not self.spectral:
-                self._start_failure(steps, _peak_lr(opt))
+                self._start_failure(steps, lr)
                 return
             metrics = self._begin(pl_module, stop_allowed=trainer.global_step == 0, assumed=assumed,
-                                  lr=_peak_lr(opt), optimizer=opt if opt is not None else None,
+                                  lr=lr, optimizer=opt if opt is not None else None,
                                   warmup=self.warmup, batch_size=self.batch_size, seq_len=self.seq_len, steps=steps,
                                   grad_clip=clip)
-            self._start_failure(steps, _peak_lr(opt))
+            self._start_failure(steps, lr)
             self._last_step = trainer.global_step
             self._report(trainer, metrics)
 

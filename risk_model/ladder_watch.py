@@ -51,6 +51,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .detector import _HARD_REASON, Verdict, check_marginal
 from .labels import divergence_reason, lost_limit
 
 FORMAT = "divergence-risk-ladder-rule"
@@ -152,8 +153,6 @@ class LadderWatch:
     """
 
     def __init__(self, marginal_loss: float, rule: LadderRule | str | Path | None = None):
-        from .detector import check_marginal
-
         if marginal_loss is None:
             raise ValueError("LadderWatch needs the task's marginal_loss (risk_model.detector.marginal_loss)")
         check_marginal(marginal_loss)
@@ -227,8 +226,6 @@ class LadderRun:
     def record(self, step, loss, grad_norm) -> bool:
         """Read one step; True when it is a recorded point still to be judged (``judge``). A step
         under the divergence rule makes the run failing at once (and returns False)."""
-        from .detector import _HARD_REASON, Verdict
-
         if self.failing or self.ended:
             return False
         step, loss, grad_norm = float(step), float(loss), float(grad_norm)
@@ -251,8 +248,6 @@ class LadderRun:
 
     def judge(self):
         """The verdict at the latest recorded point (``record`` returned True)."""
-        from .detector import Verdict
-
         if self.failing:
             return self.verdict
         step, s = self._steps[-1], self._smooth[-1]
@@ -312,3 +307,19 @@ def replay(ladder, rule: LadderRule, marginal_loss: float, every: int = 10) -> l
         else:
             out.append(None)
     return out
+
+
+def replay_runs(runs, rule: LadderRule, every: int = 10):
+    """``replay`` of every model's ladder in a runs table (corpus-v3's columns: ``model_id``, ``lr``,
+    ``steps``, ``marginal_loss``, ``loss_curve_10``, ``grad_norm_curve_10``, ``diverged``,
+    ``diverge_step``): a pandas Series on the table's index, each run's stop step (NaN: never stopped)."""
+    import pandas as pd
+
+    stop = pd.Series(float("nan"), index=runs.index)
+    for _, g in runs.groupby("model_id"):
+        ladder = [dict(lr=r.lr, steps=r.steps, loss_curve=r.loss_curve_10, grad_norm_curve=r.grad_norm_curve_10,
+                       diverged=r.diverged, diverge_step=r.diverge_step) for r in g.itertuples()]
+        for idx, s in zip(g.index, replay(ladder, rule, float(g.marginal_loss.iloc[0]), every)):
+            if s is not None:
+                stop[idx] = s[0]
+    return stop

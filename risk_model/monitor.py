@@ -108,6 +108,11 @@ class FailureWatch:
         self.verdict = None
         self._said: set[str] = set()
 
+    @property
+    def failing(self) -> bool:
+        """Whether the latest verdict says the run is failing."""
+        return self.verdict is not None and self.verdict.failing
+
     def start(self, total_steps, *, prior: float | None = None, marginal_loss: float | None = None,
               lr: float | None = None) -> None:
         """Begin a run of ``total_steps`` planned steps (None: unknown, only the divergence rule acts).
@@ -164,7 +169,7 @@ class FailureWatch:
         """Read one step; returns the verdict (a ``detector.Verdict``), None before ``start``."""
         if self.run is None:
             return None
-        was = self.verdict is not None and self.verdict.failing
+        was = self.failing
         v = self.run.update(step, loss, grad_norm)
         if self.ladder_run is not None:
             lv = self.ladder_run.update(step, loss, grad_norm)
@@ -450,7 +455,7 @@ class RiskMonitor:
         if self._failure.run is None:
             self._failure.start(self.steps, prior=preflight_prior(getattr(self, "assessment_", None)),
                                 marginal_loss=self.marginal_loss, lr=self.lr)
-        was = self._failure.verdict is not None and self._failure.verdict.failing
+        was = self._failure.failing
         v = self._failure.observe(global_step, loss, grad_norm)
         if v.failing and not was and self.action == "stop":
             raise RunFailingError(f"divergence-risk stopped training: {v.message()}", v)
