@@ -7,7 +7,10 @@ every row the v3 runner produced as a separate run of its own ``steps`` (the v2 
 per label, one process), and its labels are compared with the v3 rows (held-out and train loss,
 divergence, curves, and the per-model ``ladder_summary`` labels). Runs per CPU-hour: rows ÷ the
 CPU time of the processes that trained them (``time.process_time``; one torch thread each); runs
-per hour: rows ÷ wall time. Writes ``benchmarks/results/sweep.json``.
+per hour: rows ÷ wall time. The v2 runner (``trainer.train_run``) profiled the network at init in
+every run, so the plain side does too, in ``train_run``'s order (build, task, profile, train); its
+CPU time is reported with and without that profile (``plain`` / ``plain_train_only``), and the v3
+runner's includes its one profile per model. Writes ``benchmarks/results/sweep.json``.
 
     python benchmarks/sweep.py --models 2 --workers 2
 """
@@ -60,26 +63,31 @@ eval_batches = 4
 """
 
 
-def plain_rows(rows) -> tuple[list[dict], float, float]:
-    """Each row's config trained as a separate run in this process: (labels, cpu s, wall s)."""
+def plain_rows(rows) -> tuple[list[dict], float, float, float]:
+    """Each row's config as a separate run in this process, as ``trainer.train_run`` (the v2 runner)
+    does it: build, task, init profile, train. Returns (labels, cpu s, wall s, cpu s of the profiles)."""
     import torch
 
     from risk_model.sweep.archs import build_network
     from risk_model.sweep.spec import RunConfig
-    from risk_model.sweep.trainer import make_run_task, run_labels, train, v3_labels
+    from risk_model.sweep.trainer import init_profile, make_run_task, run_labels, train, v3_labels
 
     torch.set_num_threads(1)
     fields = set(RunConfig.__dataclass_fields__)
     out = []
+    prof_cpu = 0.0
     c0, w0 = time.process_time(), time.perf_counter()
     for _, r in rows.iterrows():
         cfg = RunConfig(**{k: (r[k].item() if hasattr(r[k], "item") else r[k]) for k in fields})
         torch.manual_seed(cfg.seed)
         model = build_network(cfg.model_args())
         task = make_run_task(cfg)
+        cp = time.process_time()
+        init_profile(model, cfg)
+        prof_cpu += time.process_time() - cp
         res = train(model, cfg, task)
         out.append({**run_labels(res, task), **v3_labels(res, cfg.steps), "run_id": r["run_id"]})
-    return out, time.process_time() - c0, time.perf_counter() - w0
+    return out, time.process_time() - c0, time.perf_counter() - w0, prof_cpu
 
 
 def main() -> None:
@@ -109,7 +117,7 @@ def main() -> None:
         runs, _ = load_corpus(tmp / "out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    plain, p_cpu, p_wall = plain_rows(runs)
+    plain, p_cpu, p_wall, p_prof = plain_rows(runs)
     load_after = os.getloadavg()
     p = pd.DataFrame(plain).set_index("run_id").loc[runs["run_id"]]
     v = runs.set_index("run_id")
@@ -140,8 +148,12 @@ def main() -> None:
         v3=dict(workers=args.workers, wall_seconds=round(v3_wall, 2), cpu_seconds=round(v3_cpu, 2),
                 runs_per_cpu_hour=round(3600 * n / v3_cpu, 1), runs_per_hour=round(3600 * n / v3_wall, 1)),
         plain=dict(workers=1, wall_seconds=round(p_wall, 2), cpu_seconds=round(p_cpu, 2),
-                   runs_per_cpu_hour=round(3600 * n / p_cpu, 1), runs_per_hour=round(3600 * n / p_wall, 1)),
+                   runs_per_cpu_hour=round(3600 * n / p_cpu, 1), runs_per_hour=round(3600 * n / p_wall, 1),
+                   profile_cpu_seconds=round(p_prof, 2)),
+        plain_train_only=dict(cpu_seconds=round(p_cpu - p_prof, 2),
+                              runs_per_cpu_hour=round(3600 * n / (p_cpu - p_prof), 1)),
         speedup_per_cpu_hour=round(p_cpu / v3_cpu, 2), speedup_per_wall_hour=round(p_wall / v3_wall, 2),
+        speedup_per_cpu_hour_train_only=round((p_cpu - p_prof) / v3_cpu, 2),
         labels_identical=same,
         cpu_count=os.cpu_count(),
         load_average_before=[round(x, 2) for x in load_before],
