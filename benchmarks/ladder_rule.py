@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+# benchmarks/featurize.py would shadow the featurize package (imported on the way to the default rule's path)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from risk_model.ladder_watch import LadderRule, default_rule_path, replay_runs
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from risk_model.ladder_watch import LadderRule, default_rule_path, replay_runs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "ladder_rule.json"

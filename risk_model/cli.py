@@ -688,11 +688,6 @@ def _parse_groups(groups: Optional[str]):
     return got
 
 
-def _is_ladder(corpus: Path) -> bool:
-    return (corpus / "runs.parquet").exists() and (corpus / "layers.parquet").exists() and \
-        "model_id" in __import__("pyarrow.parquet", fromlist=["read_schema"]).read_schema(corpus / "runs.parquet").names
-
-
 @app.command("train")
 @user_errors
 def train_cmd(
@@ -741,7 +736,9 @@ def train_cmd(
             raise UsageError(f"{out} already holds a predictor: add --replace to replace it, or choose another --out")
     check_writable_dir(out.parent if out is not None else Path("models"), what="predictor")
     _load_corpus_verbose(corpus)  # the schema check: a missing column is one line naming it
-    not_ladder = [str(c) for c in corpus if not _is_ladder(c)]
+    from risk_model.corpus import not_ladder_corpora
+
+    not_ladder = not_ladder_corpora(corpus)
     if not_ladder:
         raise UsageError(f"risk train needs ladder corpora (runs with model_id and a layers table, like "
                          f"datasets/corpus-v2 and datasets/corpus-v3); not one: {', '.join(not_ladder)} (the v1 "
@@ -879,7 +876,9 @@ def evaluate_cmd(
     if full_ladder or (len(corpus) == 1 and "model_id" in c.runs.columns):
         from risk_model.heldout_v3 import evaluate_v3
 
-        not_ladder = [str(p) for p in corpus if not _is_ladder(p)]
+        from risk_model.corpus import not_ladder_corpora
+
+        not_ladder = not_ladder_corpora(corpus)
         if not_ladder:
             raise UsageError(f"predictor v3 is evaluated on ladder corpora only; not one: {', '.join(not_ladder)}")
 

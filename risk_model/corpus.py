@@ -257,6 +257,21 @@ def _coerce_types(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.reset_index(drop=True)
 
 
+def is_ladder_corpus(path: str | Path) -> bool:
+    """True when ``path`` holds a ladder corpus (corpus-v2, corpus-v3): a ``layers.parquet`` beside a
+    ``runs.parquet`` whose runs carry ``model_id`` (the ladder they belong to)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    return (path / "runs.parquet").exists() and (path / "layers.parquet").exists() and \
+        "model_id" in pq.read_schema(path / "runs.parquet").names
+
+
+def not_ladder_corpora(paths) -> list[str]:
+    """The ``paths`` that are not ladder corpora (``is_ladder_corpus``), as given."""
+    return [str(p) for p in paths if not is_ladder_corpus(p)]
+
+
 def load_corpus(paths: list[str | Path] | str | Path) -> Corpus:
     """Load, validate and merge one or more corpus directories (the first is the base).
 
