@@ -89,3 +89,17 @@ def test_profile_settings_read_from_corpus(tmp_path, tables):
     runs, layers = tables
     c = load_corpus(write_corpus(tmp_path / "c", runs, layers))
     assert c.profile_settings["n_samples"] == 256 and c.profile_settings["rank"] == 16
+
+
+def test_ladder_corpus_check_on_the_shipped_corpora(tmp_path):
+    from pathlib import Path
+
+    from risk_model.corpus import is_ladder_corpus, not_ladder_corpora
+
+    data = Path(__file__).resolve().parents[1] / "datasets"
+    # corpus-v1: one row per run, no model_id; v2 and v3: ladders with a layers table
+    assert not is_ladder_corpus(data / "corpus-v1")
+    assert is_ladder_corpus(data / "corpus-v2") and is_ladder_corpus(data / "corpus-v3")
+    # a runs table with model_id but no layers table beside it is not one either
+    (tmp_path / "runs.parquet").write_bytes((data / "corpus-v3" / "runs.parquet").read_bytes())
+    assert not_ladder_corpora([data / "corpus-v2", tmp_path, tmp_path / "missing"]) == [str(tmp_path), str(tmp_path / "missing")]
