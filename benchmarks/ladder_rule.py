@@ -90,7 +90,7 @@ def main(argv=None):
         loco[cls] = dict(zip(GRID, best), **metrics(f[te], S[best][te]))
     pooled = metrics(f, held)
     # the synthetic tasks memorise (train loss far below eval loss), the real-data ones do not
-    per_task = {t: metrics(f[(f.task == t).to_numpy()], held[(f.task == t).to_numpy()]) for t in sorted(f.task.unique())}
+    per_task = {t: metrics(f[m], held[m]) for t in sorted(f.task.unique()) for m in [(f.task == t).to_numpy()]}
     chosen = choose({c: metrics(f, S[c]) for c in combos})
     out = dict(runs=int(len(f)), models=int(f.model_id.nunique()), smooth_points=SMOOTH, fa_budget=FA_BUDGET,
                heldout_pooled=pooled, heldout_per_class=loco, heldout_per_task=per_task,

@@ -159,16 +159,14 @@ def one_family(family: str, args, bundle) -> dict:
 def pooled(rows: list[dict]) -> dict:
     import numpy as np
 
-    from risk_model.evaluate import auroc
+    from risk_model.evaluate import auroc, brier, log_loss
 
     y = np.array([r["failed"] for f in rows for r in f["runs"] if r["p_failed"] is not None], int)
     p = np.array([r["p_failed"] for f in rows for r in f["runs"] if r["p_failed"] is not None], float)
-    pc = np.clip(p, 1e-6, 1 - 1e-6)
     rec = [f["recommended_within_3x"] for f in rows if f["recommended_within_3x"] is not None]
     return dict(families=len(rows), runs=int(len(y)), failed=int(y.sum()),
                 auroc=float(auroc(y, p)) if 0 < y.sum() < len(y) else None,
-                brier=float(np.mean((p - y) ** 2)) if len(y) else None,
-                log_loss=float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))) if len(y) else None,
+                brier=brier(y, p) if len(y) else None, log_loss=log_loss(y, p) if len(y) else None,
                 max_safe_right=float(np.mean([f["max_safe_right"] for f in rows])),
                 max_safe_unsafe=float(np.mean([f["max_safe_unsafe"] for f in rows])),
                 recommended_within_3x=float(np.mean(rec)) if rec else None, n_learn=len(rec))
