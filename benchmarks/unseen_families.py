@@ -14,6 +14,7 @@ and P(failed) at every rung run against its label (AUROC, Brier, log-loss). Resu
 after each family (``benchmarks/results/unseen_families.json``), so a cut run keeps what it did.
 
     python -u benchmarks/unseen_families.py [--families opt,falcon] [--steps 1000]   # ~5 min a family
+    python -u benchmarks/unseen_families.py --rescore   # the current predictor on the stored ladders
 """
 from __future__ import annotations
 
@@ -86,7 +87,9 @@ def build(family: str, d: int, n_layers: int, n_heads: int, seq_len: int, vocab:
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(DESIGN)}")
 
 
-def one_family(family: str, args, bundle) -> dict:
+def one_family(family: str, args, bundle, stored: dict | None = None) -> dict:
+    """Predict, walk the ladder (or, with ``stored``, reuse the runs of an earlier result for this
+    family: ``--rescore``, a new predictor on the same measured ladders), score."""
     import numpy as np
     import torch
 
@@ -126,8 +129,12 @@ def one_family(family: str, args, bundle) -> dict:
 
     t1 = time.perf_counter()
     R = make_run_task(replace(cfg0, eval_batches=0)).marginal_loss
-    full_walk(START, RUNGS, outcome, R, extra_rung=True, max_runs=12)
-    train_s = time.perf_counter() - t1
+    if stored is None:
+        full_walk(START, RUNGS, outcome, R, extra_rung=True, max_runs=12)
+        train_s = time.perf_counter() - t1
+    else:
+        runs.update({float(r["lr"]): (float(r["final_eval_loss"]), bool(r["diverged"])) for r in stored["runs"]})
+        train_s = float(stored["train_seconds"])
     lrs = sorted(runs)
     s = ladder_summary(lrs, [runs[x][0] for x in lrs], [runs[x][1] for x in lrs], R)
     extra = [x for x in lrs if x not in p_at]  # the extra rung: ask the predictor there too
@@ -183,7 +190,16 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--rescore", action="store_true",
+                    help="reuse the measured ladders in --out (same network and recipe) and score the current predictor")
     args = ap.parse_args(argv)
+    stored = {}
+    if args.rescore:
+        old = json.loads(args.out.read_text())
+        want = dict(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, vocab=256)
+        if old["network"] != want or old["recipe"]["steps"] != args.steps or old["recipe"]["warmup"] != args.warmup:
+            sys.exit(f"--rescore: {args.out} was measured on another network or recipe")
+        stored = {f["family"]: f for f in old["families"]}
     fams = [f.strip() for f in args.families.split(",") if f.strip()]
     for f in fams:
         if f not in DESIGN:
@@ -198,7 +214,9 @@ def main(argv=None) -> None:
     rows = []
     for fam in fams:
         print(f"{fam}: predicting, then walking its ladder ...", flush=True)
-        r = one_family(fam, args, bundle)
+        if args.rescore and fam not in stored:
+            sys.exit(f"--rescore: no measured ladder for {fam} in {args.out}")
+        r = one_family(fam, args, bundle, stored.get(fam))
         rows.append(r)
         print(f"{fam}: max_safe {r['max_safe_lr']:.3g} (first failed {r['lr_fail_min']:g}, last good below it "
               f"{r['lr_fail_lo']:g}) right {r['max_safe_right']} unsafe {r['max_safe_unsafe']}; recommended "

@@ -205,6 +205,86 @@ def _block_io(args, kwargs, output) -> tuple[torch.Tensor | None, torch.Tensor |
     return _first_tensor(x), _first_tensor(output)
 
 
+def _zero_first(output):
+    """``output`` with its first tensor (the branch's contribution to the stream) set to zero."""
+    if isinstance(output, torch.Tensor):
+        return torch.zeros_like(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return None
+
+
+def residual_stages(block: nn.Module, args: tuple, kwargs: dict) -> float:
+    """How many residual branches of ``block`` run one after another (serial stages): 2 for a
+    pre- or post-LN block (attention, then the MLP on the updated stream), 1 for a parallel block
+    (attention and MLP both read the block's input: GPT-J, GPT-NeoX with parallel residual, Phi,
+    Falcon) or a block with a single mixer (Mamba).
+
+    Measured, not read off names: the block's direct children that hold a matrix (≥ 2-D
+    parameter) and read a tensor of the stream's width are its branches, in call order (an MLP
+    whose two matrices are direct children, as in OPT, is one branch: its second matrix reads the
+    hidden width). The block is run on ``args, kwargs`` (its captured
+    inputs) once as is, then once per later branch with the outputs of all earlier ones zeroed; a
+    branch whose input changes depends on an earlier one and starts a new stage. Runs without
+    gradients; the caller sets eval mode. Returns NaN when a branch's output cannot be zeroed or
+    the block does not run on its inputs again.
+    """
+    branches = [m for m in block.children() if any(p.dim() >= 2 for p in m.parameters())]
+    # a key/value cache from the captured call would grow with every re-run: run without one
+    kwargs = {k: (False if k == "use_cache" else None if ("past" in k or k.endswith("cache")) else v)
+              for k, v in kwargs.items()}
+    order: list[nn.Module] = []
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(store):
+        def pre(m, a, kw):
+            x = _first_tensor(a[0] if a else kw.get("hidden_states", next(iter(kw.values()), None)))
+            if id(m) not in store and isinstance(x, torch.Tensor):
+                store[id(m)] = x.detach().clone()
+                if store is seen:
+                    order.append(m)
+        return pre
+
+    class _NotZeroable(Exception):
+        pass
+
+    def zero(_m, _a, out):
+        z = _zero_first(out)
+        if z is None:
+            raise _NotZeroable
+        return z
+
+    def run(store, zeroed=()):
+        hs = [m.register_forward_pre_hook(record(store), with_kwargs=True) for m in branches]
+        hs += [m.register_forward_hook(zero) for m in zeroed]
+        try:
+            with torch.no_grad():
+                block(*args, **kwargs)
+        finally:
+            for h in hs:
+                h.remove()
+
+    try:
+        run(seen)
+        stream = _first_tensor(args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None)))
+        if not isinstance(stream, torch.Tensor):
+            return math.nan
+        # a branch reads the stream (width d); a layer inside one (an MLP's second matrix, on the
+        # hidden width) does not start a stage of its own
+        order[:] = [m for m in order if seen[id(m)].shape[-1] == stream.shape[-1]]
+        stages = 1
+        for k in range(1, len(order)):
+            after: dict[int, torch.Tensor] = {}
+            run(after, zeroed=order[:k])
+            x0, x1 = seen[id(order[k])], after.get(id(order[k]))
+            if x1 is None or x1.shape != x0.shape:
+                return math.nan
+            stages += int(not torch.equal(x0, x1))
+    except Exception:  # noqa: BLE001 - a block that cannot be re-run on its inputs: unknown
+        return math.nan
+    return float(stages)
+
+
 def block_states(name: str, args, kwargs, output) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """The token states entering and leaving a block, from a forward hook's ``args, kwargs, output``.
 

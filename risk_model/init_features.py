@@ -48,6 +48,11 @@ def forward_feature_names() -> list[str]:
             + ["log10_stream_growth", "log10_logit_std", "init_loss_excess"])
 
 
+def structure_feature_names() -> list[str]:
+    """``residual_stages`` (``featurize.capture.residual_stages`` of the first block)."""
+    return ["residual_stages"]
+
+
 def gradient_feature_names() -> list[str]:
     out = ["log10_grad_norm", "log10_n_params"]
     for g in GROUPS:
@@ -107,7 +112,7 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
     ``vocab_size`` of the probe (not features: the dead-at-init check reads them)
     """
     feats = {k: float("nan") for k in forward_feature_names() + gradient_feature_names()
-             + ["init_loss", "grad_norm", "vocab_size"]}
+             + structure_feature_names() + ["init_loss", "grad_norm", "vocab_size"]}
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     feats["log10_n_params"] = _log10(float(sum(p.numel() for _, p in params)))
     embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
@@ -137,8 +142,11 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
 
     ratios: list[float] = []
     stream: list[float] = []
+    first_call: list[tuple] = []    # (args, kwargs) of the first block's first call
 
     def hook(module, args, kwargs, output):
+        if module is blocks[0] and not first_call:
+            first_call.append((args, kwargs))
         x = args[0] if args else kwargs.get("hidden_states")
         y = output[0] if isinstance(output, (tuple, list)) else output
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
@@ -163,6 +171,14 @@ def init_features(model: nn.Module, *, blocks: list[nn.Module] | None = None, ba
             for _, p in params:
                 p.grad = None
             loss.backward()
+        for h in handles:
+            h.remove()
+        handles = []
+        if first_call:
+            from featurize.capture import residual_stages
+
+            with torch.random.fork_rng(devices=[]):
+                feats["residual_stages"] = residual_stages(blocks[0], *first_call[0])
     finally:
         for h in handles:
             h.remove()

@@ -71,6 +71,11 @@ SYNTHETIC_TASKS = ("assoc_recall", "synthetic_lm")
 #: the corpus tasks on images (``sweep.tasks`` reads them here): a sequence length does not apply
 IMAGE_TASKS = ("digits",)
 TASK_COLUMN = "task_synthetic"
+#: the block-structure term of the linear part: ln of the serial residual stages per block
+#: (``featurize.capture.residual_stages``: 2 for attention-then-MLP, 1 for a parallel block or a
+#: single mixer). Held out by class on corpus-v2 + corpus-v3 it moved the median |log10 error| of
+#: lr_fail from 0.41 to 0.34 on corpus-v3's networks that learn (docs/method.md)
+STRUCTURE_COLUMN = "ln_residual_stages"
 #: a ladder read at a shorter horizon than its runs' full length has the id ``<model_id>@<steps>``
 #: (``heldout_v3.horizon_ladders``); its init-time profile is its model's
 HORIZON_SEP = "@"
@@ -174,6 +179,8 @@ def init_scale_features(init: dict, d_model: float) -> dict[str, float]:
         out[f"log10_grad_rel_{g}"] = _f(init.get(f"log10_grad_rel_{g}"))
     for c in forward_feature_names():
         out[c] = _f(init.get(c))
+    st = _f(init.get("residual_stages"))
+    out[STRUCTURE_COLUMN] = math.log(st) if math.isfinite(st) and st > 0 else math.nan
     return out
 
 
@@ -306,6 +313,9 @@ class LogLRModel:
         A linear term for a synthetic task (``TASK_COLUMN``, prior sd ``task_prior_sd``); served
         at 0 (real data). False: the form of predictors saved before it existed.
     task_prior_sd : prior sd of the task term (ln units)
+    structure_term : bool, default True
+        A linear term in ``STRUCTURE_COLUMN`` (prior sd ``structure_prior_sd`` per ln unit; an
+        unmeasured network sits at the corpus centre). False: the form of predictors saved before it.
     scale_axes : the scale columns of the linear part (``SCALE_COLUMNS``; predictors saved before
         the sequence axis load with ``LEGACY_SCALE_COLUMNS``)
     n_estimators, max_depth, learning_rate, min_child_weight, subsample : booster settings
@@ -324,13 +334,15 @@ class LogLRModel:
     """
 
     def __init__(self, groups=("config", "forward", "gradient"), *, scale_part=True, slope_prior_sd=0.5,
-                 task_term=True, task_prior_sd=2.0, scale_axes=tuple(SCALE_COLUMNS), n_estimators=100, max_depth=2,
+                 task_term=True, task_prior_sd=2.0, structure_term=True, structure_prior_sd=2.0, scale_axes=tuple(SCALE_COLUMNS), n_estimators=100, max_depth=2,
                  learning_rate=0.05, min_child_weight=5.0, subsample=0.8, aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
         self.groups = groups
         self.scale_part = scale_part
         self.slope_prior_sd = slope_prior_sd
         self.task_term = task_term
         self.task_prior_sd = task_prior_sd
+        self.structure_term = structure_term
+        self.structure_prior_sd = structure_prior_sd
         self.scale_axes = scale_axes
         self.n_estimators = n_estimators
         self.max_depth = max_depth
@@ -342,7 +354,8 @@ class LogLRModel:
         self.n_splits = n_splits
         self.random_state = random_state
 
-    PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "scale_axes", "n_estimators",
+    PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "structure_term",
+              "structure_prior_sd", "scale_axes", "n_estimators",
               "max_depth",
               "learning_rate", "min_child_weight", "subsample", "aft_scale", "n_backfit", "n_splits", "random_state")
 
@@ -353,6 +366,7 @@ class LogLRModel:
     @property
     def linear_columns_(self) -> list[str]:
         return ([f"opt_{o}" for o in OPTIMIZERS] + ([TASK_COLUMN] if self.task_term else [])
+                + ([STRUCTURE_COLUMN] if getattr(self, "structure_term", False) else [])
                 + (list(self.scale_axes) if self.scale_part else []))
 
     def _columns(self, X, names) -> np.ndarray:
@@ -370,6 +384,7 @@ class LogLRModel:
     def _prior_var(self) -> np.ndarray:
         var = {f"opt_{o}": 100.0 for o in OPTIMIZERS}
         var[TASK_COLUMN] = self.task_prior_sd ** 2
+        var[STRUCTURE_COLUMN] = self.structure_prior_sd ** 2
         return np.array([var.get(c, self.slope_prior_sd ** 2) for c in self.linear_columns_])
 
     def _fit_linear(self, Z, offset, lo, hi, cols=None):
@@ -549,6 +564,7 @@ class LogLRModel:
         p = dict(d["params"])
         p["groups"] = tuple(p["groups"])
         p.setdefault("task_term", False)  # saved before the task term existed
+        p.setdefault("structure_term", False)  # saved before the structure term existed
         p["scale_axes"] = tuple(p.get("scale_axes", LEGACY_SCALE_COLUMNS))  # saved before the sequence axis
         m = cls(**p)
         m.feature_names_, m.tree_features_ = list(d["feature_names"]), list(d["tree_features"])

@@ -197,3 +197,63 @@ def test_one_pass_and_the_shape_check_leave_the_callers_torch_rng_as_they_found_
     profile_seeds(nets[0], seeds=[0, 1], n_samples=64, rank=4)
     profile(nets[1], n_samples=64, rank=4)  # with the shape check's forward pass
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ------------------------------------------------------------------ residual_stages
+class _Mixer(torch.nn.Module):
+    def __init__(self, d, hidden=None):
+        super().__init__()
+        self.a = torch.nn.Linear(d, hidden or d)
+        self.b = torch.nn.Linear(hidden or d, d)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _Block(torch.nn.Module):
+    """x + f(ln1 x) + g(ln2 ·): serial when ``parallel`` is False, both on x when True."""
+
+    def __init__(self, d, parallel, flat_mlp=False):
+        super().__init__()
+        self.parallel, self.flat = parallel, flat_mlp
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn = _Mixer(d)
+        if flat_mlp:  # OPT's layout: the MLP's two matrices are direct children of the block
+            self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+        else:
+            self.mlp = _Mixer(d, 4 * d)
+
+    def _mlp(self, h):
+        return self.fc2(torch.relu(self.fc1(h))) if self.flat else self.mlp(h)
+
+    def forward(self, x):
+        a = self.attn(self.ln1(x))
+        if self.parallel:
+            return x + a + self._mlp(self.ln2(x))
+        x = x + a
+        return x + self._mlp(self.ln2(x))
+
+
+@pytest.mark.parametrize("parallel,flat,expected", [(False, False, 2.0), (True, False, 1.0),
+                                                     (False, True, 2.0), (True, True, 1.0)])
+def test_residual_stages_of_built_blocks(parallel, flat, expected):
+    from featurize.capture import residual_stages
+
+    torch.manual_seed(0)
+    block = _Block(16, parallel, flat).eval()
+    x = torch.randn(2, 5, 16)
+    assert residual_stages(block, (x,), {}) == expected
+    assert all(h is None or not h for h in (block._forward_hooks, block._forward_pre_hooks))
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_residual_stages_follow_the_hf_config_flag(parallel):
+    """GPT-NeoX's ``use_parallel_residual`` decides the layout: the measurement must follow it."""
+    transformers = pytest.importorskip("transformers")
+    from risk_model.init_features import init_features
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, use_parallel_residual=parallel)
+    model = transformers.GPTNeoXForCausalLM(cfg)
+    assert init_features(model, seed=0)["residual_stages"] == (1.0 if parallel else 2.0)

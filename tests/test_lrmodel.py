@@ -328,3 +328,42 @@ def test_a_model_saved_before_the_sequence_axis_loads_and_predicts_as_saved(fitt
     net = _net(96)
     net["ln_seq_len"] = np.array([math.log(512.0)])   # a request that states it: ignored by the old model
     np.testing.assert_allclose(old.predict_log_lr(net)["mu"], v3.predict_log_lr(_net(96))["mu"], rtol=1e-12)
+
+
+def test_the_structure_term_recovers_a_known_stage_effect_and_old_models_load_without_it():
+    """lr_fail 3× higher for single-stage blocks (ln lr += ln 3 when stages = 1): the
+    ``ln_residual_stages`` slope comes out near −ln 3 / ln 2; a model saved before the term loads
+    and ignores the column."""
+    from risk_model.lrmodel import STRUCTURE_COLUMN
+
+    rng = np.random.default_rng(3)
+    n = 400
+    d = rng.choice([32, 64, 128], n).astype(float)
+    stages = rng.choice([1.0, 2.0], n)
+    crit = np.exp(-0.7 * np.log(d) + np.log(3.0) * (stages == 1) - 3.0 + rng.logistic(0, 0.3, n))
+    rows = []
+    for i in range(n):
+        f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
+                            d_model=d[i], n_layers=4)
+        f[STRUCTURE_COLUMN] = math.log(stages[i])
+        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
+        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        rows.append(f)
+    X = pd.DataFrame(rows)
+    m = LogLRModel(groups=(), n_splits=3).fit(X, X["fail_lo"], X["fail_hi"], groups=np.arange(n) % 5)
+    coef = dict(zip(m.linear_columns_, m.coef_))
+    assert coef[STRUCTURE_COLUMN] == pytest.approx(-math.log(3.0) / math.log(2.0), abs=0.3)
+    d_ = m.to_dict()
+    j = m.linear_columns_.index(STRUCTURE_COLUMN)
+    keep = [i for i in range(len(m.linear_columns_)) if i != j]
+    d_["params"].pop("structure_term"), d_["params"].pop("structure_prior_sd")
+    d_["coef"] = [d_["coef"][i] for i in keep]
+    d_["cov"] = [[d_["cov"][a][b] for b in keep] for a in keep]
+    d_["design_center"] = [d_["design_center"][i] for i in keep]
+    d_["feature_names"] = [c for c in d_["feature_names"] if c != STRUCTURE_COLUMN]
+    old = LogLRModel.from_dict(d_)
+    assert STRUCTURE_COLUMN not in old.linear_columns_ and len(old.linear_columns_) == len(old.coef_)
+    one, two = _net(64), _net(64)
+    one[STRUCTURE_COLUMN], two[STRUCTURE_COLUMN] = np.array([0.0]), np.array([math.log(2.0)])
+    assert old.predict_log_lr(one)["mu"][0] == pytest.approx(old.predict_log_lr(two)["mu"][0], abs=1e-12)
+    assert m.predict_log_lr(one)["mu"][0] - m.predict_log_lr(two)["mu"][0] == pytest.approx(math.log(3.0), abs=0.25)

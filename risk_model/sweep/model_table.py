@@ -120,6 +120,15 @@ def add_curvature(corpus: str | Path, progress: bool = True, every: int = 25) ->
     return table
 
 
+def structure_of(row: pd.Series) -> float:
+    """``residual_stages`` of one corpus model (``featurize.capture.residual_stages``, measured on
+    the rebuilt network as ``init_features`` measures it when serving)."""
+    from ..init_features import init_features
+
+    model, _ = rebuild(row)
+    return float(init_features(model, seed=0)["residual_stages"])
+
+
 def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame:
     """Compute (or extend) ``corpus/models.parquet``; returns the table."""
     from ..serve import single_threaded
@@ -137,6 +146,13 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
             feats.append({"model_id": r["model_id"], **features_of(r)})
             if progress and (i + 1) % 25 == 0:
                 print(f"[models] {i + 1}/{len(todo)}", file=sys.stderr, flush=True)
+        # a table written before the structure feature existed: measure it on every model once
+        if len(have) and "residual_stages" not in have.columns:
+            have = have.copy()
+            have["residual_stages"] = [structure_of(r) for _, r in have.iterrows()]
+            feats_added = True
+        else:
+            feats_added = False
     new = todo.merge(pd.DataFrame(feats), on="model_id") if feats else None
     if new is None:
         table = have.copy()
@@ -151,7 +167,7 @@ def build_model_table(corpus: str | Path, progress: bool = True) -> pd.DataFrame
     for c in cols:
         table[c] = table["model_id"].map(fresh[c]).astype(fresh[c].dtype)
     changed = not before.astype(str).equals(table[cols].astype(str))
-    if feats or changed or len(table) != len(have):  # nothing new: leave the file as it is
+    if feats or feats_added or changed or len(table) != len(have):  # nothing new: leave the file as it is
         write_parquet_atomic(table, path, "models")
     return table
 
