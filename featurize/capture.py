@@ -238,7 +238,7 @@ def residual_stages(block: nn.Module, args: tuple, kwargs: dict) -> float:
 
     def record(store):
         def pre(m, a, kw):
-            x = _first_tensor(a[0] if a else kw.get("hidden_states", next(iter(kw.values()), None)))
+            x = _block_io(a, kw, None)[0]
             if id(m) not in store and isinstance(x, torch.Tensor):
                 store[id(m)] = x.detach().clone()
                 if store is seen:
@@ -266,7 +266,7 @@ def residual_stages(block: nn.Module, args: tuple, kwargs: dict) -> float:
 
     try:
         run(seen)
-        stream = _first_tensor(args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None)))
+        stream = _block_io(args, kwargs, None)[0]
         if not isinstance(stream, torch.Tensor):
             return math.nan
         # a branch reads the stream (width d); a layer inside one (an MLP's second matrix, on the

@@ -366,7 +366,7 @@ class LogLRModel:
     @property
     def linear_columns_(self) -> list[str]:
         return ([f"opt_{o}" for o in OPTIMIZERS] + ([TASK_COLUMN] if self.task_term else [])
-                + ([STRUCTURE_COLUMN] if getattr(self, "structure_term", False) else [])
+                + ([STRUCTURE_COLUMN] if self.structure_term else [])
                 + (list(self.scale_axes) if self.scale_part else []))
 
     def _columns(self, X, names) -> np.ndarray:
