@@ -121,6 +121,7 @@ def summarise(l0: float, finals: np.ndarray) -> dict:
 def compute(corpora: list[str], limit: int | None) -> None:
     from risk_model import heldout_v3 as H
     from risk_model.sweep.model_table import rebuild
+    from risk_model.sweep.runner import write_parquet_atomic
 
     nets, _, _ = H.load_v3(corpora)
     nets = nets[~nets["never_learns"].astype(bool)]
@@ -145,8 +146,7 @@ def compute(corpora: list[str], limit: int | None) -> None:
             rec = dict(pid=r.pid, family=r.family, **(summarise(*p) if p else {}),
                        seconds=time.perf_counter() - t0)
             rows.append(rec)
-            pd.DataFrame(rows).to_parquet(CACHE.with_suffix(".tmp"))
-            CACHE.with_suffix(".tmp").replace(CACHE)
+            write_parquet_atomic(pd.DataFrame(rows), CACHE, "probe_ladder")
             print(f"[probe] {c + 1}/{len(order)} {r.family} {rec.get('ln_probe_lr_fail')}", file=sys.stderr, flush=True)
     finally:
         torch.set_num_threads(threads)
