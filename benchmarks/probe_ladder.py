@@ -16,7 +16,10 @@ Spearman of the probe with the residual and with ln lr_fail, pooled and per clas
 Run (resumable; the probes are cached in ``benchmarks/results/probe_ladder_cache.parquet``):
 ``python benchmarks/probe_ladder.py --corpus datasets/corpus-v3 [--limit N]`` then
 ``python benchmarks/probe_ladder.py --corpus datasets/corpus-v2 --corpus datasets/corpus-v3 --report``.
-Writes ``benchmarks/results/probe_ladder.json``. About 8–25 CPU-s per d = 64 network.
+Writes ``benchmarks/results/probe_ladder.json``. About 8–25 CPU-s per d = 64 network. ``--all``
+probes the networks that never learn too; ``--ablation`` runs the paired leave-one-class-out
+comparison with the probe as a linear column (``probe_ablation.json``); ``--cost`` times probe steps
+on GPT-2 124M (``probe_ladder_cost.json``).
 """
 from __future__ import annotations
 
@@ -118,13 +121,14 @@ def summarise(l0: float, finals: np.ndarray) -> dict:
                 probe_gain=(l0 - best) / l0)
 
 
-def compute(corpora: list[str], limit: int | None) -> None:
+def compute(corpora: list[str], limit: int | None, learners_only: bool = True) -> None:
     from risk_model import heldout_v3 as H
     from risk_model.sweep.model_table import rebuild
     from risk_model.sweep.runner import write_parquet_atomic
 
     nets, _, _ = H.load_v3(corpora)
-    nets = nets[~nets["never_learns"].astype(bool)]
+    if learners_only:
+        nets = nets[~nets["never_learns"].astype(bool)]
     nets = nets.assign(pid=nets["parent_id"].fillna(nets["model_id"])).drop_duplicates("pid")
     cache = pd.read_parquet(CACHE) if CACHE.exists() else pd.DataFrame(columns=["pid"])
     done = set(cache["pid"])
@@ -188,17 +192,127 @@ def report(corpora: list[str]) -> dict:
     return out
 
 
+ABLATION_OUT = ROOT / "benchmarks" / "results" / "probe_ablation.json"
+PROBE_COLUMN = "ln_probe_lr_fail"
+
+
+def probe_column(nets: pd.DataFrame) -> np.ndarray:
+    """ln_probe_lr_fail per network from the cache (by parent model); a probe that never crossed
+    sits half a decade above the grid; NaN (corpus centre) where no probe was run."""
+    cache = pd.read_parquet(CACHE).set_index("pid")
+    pid = nets["parent_id"].fillna(nets["model_id"])
+    v = pid.map(cache[PROBE_COLUMN]).astype(float).to_numpy()
+    ran = pid.map(cache["probe_l0"]).astype(float).notna().to_numpy()
+    return np.where(ran & ~np.isfinite(v), math.log(GRID[-1] * 10 ** 0.5), v)
+
+
+def ablation(corpora: list[str], n_boot: int = 1000) -> dict:
+    """Paired leave-one-class-out comparison: the shipped form (linear part and the tree groups
+    of ``reports/heldout_v3.json``) against it with ``ln_probe_lr_fail`` as one more linear column
+    (prior sd 0.5 per ln unit, centred, an unprobed network at the centre)."""
+    from risk_model import heldout_v3 as H
+    from risk_model import lrmodel
+    from risk_model.heldout import paired_delta
+
+    class WithProbe(lrmodel.LogLRModel):
+        @property
+        def linear_columns_(self):
+            return super().linear_columns_ + [PROBE_COLUMN]
+
+    groups = tuple(json.loads((ROOT / "reports" / "heldout_v3.json").read_text())["groups"])
+    nets, runs, _ = H.load_v3(corpora)
+    nets[PROBE_COLUMN] = probe_column(nets)
+    preds = {}
+    for name, cls in (("shipped", lrmodel.LogLRModel), ("with probe", WithProbe)):
+        saved = lrmodel.LogLRModel, H.LogLRModel
+        lrmodel.LogLRModel = H.LogLRModel = cls
+        try:
+            preds[name] = H.heldout_predictions(nets, runs, groups, split=H.loco_splits(nets), n_estimators=100,
+                                                random_state=0)
+        finally:
+            lrmodel.LogLRModel, H.LogLRModel = saved
+        print(f"[probe] ablation: {name} done", file=sys.stderr, flush=True)
+    probed = np.isfinite(nets[PROBE_COLUMN].to_numpy(float))
+    y = runs["failed"].to_numpy(int)
+    cl = runs["model_id"].to_numpy()
+    in_probed = runs["model_id"].isin(set(nets.loc[probed, "model_id"])).to_numpy()
+    out = dict(benchmark="probe_ablation", corpora=corpora, networks=int(len(nets)), probed=int(probed.sum()),
+               groups=list(groups), protocol="leave-one-class-out, shipped form, n_estimators=100, seed 0",
+               delta_auroc_failed=paired_delta(y, preds["with probe"]["p_failed"], preds["shipped"]["p_failed"],
+                                               cl, n_boot, 0),
+               delta_auroc_failed_probed=paired_delta(y[in_probed], preds["with probe"]["p_failed"][in_probed],
+                                                      preds["shipped"]["p_failed"][in_probed], cl[in_probed], n_boot, 0))
+    for name, pr in preds.items():
+        out[name] = dict(all=H.metrics(nets, runs, pr, n_boot=n_boot), probed=H.metrics(nets, runs, pr, probed, n_boot=n_boot),
+                         per_class={f: H.metrics(nets, runs, pr, (nets["family"] == f).to_numpy(), n_boot=10)
+                                    ["lr_fail_median_abs_log10_err"] for f in sorted(nets["family"].unique())})
+    out.update(machine=platform.platform(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    ABLATION_OUT.write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
+COST_OUT = ROOT / "benchmarks" / "results" / "probe_ladder_cost.json"
+
+
+def cost_gpt2(steps: int = 4) -> dict:
+    """Seconds per probe step (one AdamW step on one probe batch, one thread) of GPT-2 124M at init
+    (``transformers`` GPT2Config defaults), and the ladder's cost at that rate."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from risk_model.init_features import probe_loss
+    from risk_model.sweep.trainer import make_optimizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            m = GPT2LMHeadModel(GPT2Config())
+        opt = make_optimizer("adamw", m.parameters(), 1e-3, 0.0, beta2=0.95, eps=1e-8)
+        (x, y), = markov_batches(m.config.vocab_size, m.config.n_positions, 1)
+        secs = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = probe_loss(m(x).logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            secs.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    per = float(np.median(secs[1:] if len(secs) > 1 else secs))
+    out = dict(benchmark="probe_ladder_cost", network="GPT-2 124M (GPT2Config defaults)", batch=B, seq_len=T,
+               threads=1, seconds_per_step=secs, median_seconds_per_step=per,
+               ladder_seconds_at_4_rungs=per * K * 4, load_average=list(__import__("os").getloadavg()),
+               machine=platform.platform(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    COST_OUT.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", action="append", required=True)
+    ap.add_argument("--corpus", action="append", default=[])
     ap.add_argument("--limit", type=int)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--all", action="store_true", help="probe the networks that never learn too")
+    ap.add_argument("--cost", action="store_true", help="time probe steps on GPT-2 124M")
     a = ap.parse_args()
-    if a.report:
+    if not a.cost and not a.corpus:
+        ap.error("--corpus is required (except with --cost)")
+    if a.cost:
+        print(json.dumps(cost_gpt2(), indent=1))
+    elif a.ablation:
+        o = ablation(a.corpus)
+        print(json.dumps({k: o[k] for k in ("networks", "probed", "delta_auroc_failed", "delta_auroc_failed_probed")}
+                         | {f"{n}, {s}": {k: o[n][s][k] for k in (
+                             "max_safe_right", "max_safe_unsafe", "recommended_within_3x", "lr_fail_median_abs_log10_err")}
+                            for n in ("shipped", "with probe") for s in ("all", "probed")}, indent=1, default=float))
+    elif a.report:
         o = report(a.corpus)
         print(json.dumps({k: v for k, v in o.items() if k != "per_class"}, indent=1))
     else:
-        compute(a.corpus, a.limit)
+        compute(a.corpus, a.limit, learners_only=not a.all)
 
 
 if __name__ == "__main__":
