@@ -211,26 +211,15 @@ def ablation(corpora: list[str], n_boot: int = 1000) -> dict:
     of ``reports/heldout_v3.json``) against it with ``ln_probe_lr_fail`` as one more linear column
     (prior sd 0.5 per ln unit, centred, an unprobed network at the centre)."""
     from risk_model import heldout_v3 as H
-    from risk_model import lrmodel
     from risk_model.heldout import paired_delta
-
-    class WithProbe(lrmodel.LogLRModel):
-        @property
-        def linear_columns_(self):
-            return super().linear_columns_ + [PROBE_COLUMN]
 
     groups = tuple(json.loads((ROOT / "reports" / "heldout_v3.json").read_text())["groups"])
     nets, runs, _ = H.load_v3(corpora)
     nets[PROBE_COLUMN] = probe_column(nets)
     preds = {}
-    for name, cls in (("shipped", lrmodel.LogLRModel), ("with probe", WithProbe)):
-        saved = lrmodel.LogLRModel, H.LogLRModel
-        lrmodel.LogLRModel = H.LogLRModel = cls
-        try:
-            preds[name] = H.heldout_predictions(nets, runs, groups, split=H.loco_splits(nets), n_estimators=100,
-                                                random_state=0)
-        finally:
-            lrmodel.LogLRModel, H.LogLRModel = saved
+    for name, extra in (("shipped", ()), ("with probe", (PROBE_COLUMN,))):
+        preds[name] = H.heldout_predictions(nets, runs, groups, split=H.loco_splits(nets), n_estimators=100,
+                                            random_state=0, extra_columns=extra)
         print(f"[probe] ablation: {name} done", file=sys.stderr, flush=True)
     probed = np.isfinite(nets[PROBE_COLUMN].to_numpy(float))
     y = runs["failed"].to_numpy(int)

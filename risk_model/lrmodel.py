@@ -318,6 +318,9 @@ class LogLRModel:
         unmeasured network sits at the corpus centre). False: the form of predictors saved before it.
     scale_axes : the scale columns of the linear part (``SCALE_COLUMNS``; predictors saved before
         the sequence axis load with ``LEGACY_SCALE_COLUMNS``)
+    extra_columns : further linear columns (candidate features measured in ln LR units, e.g. a probe's
+        ln LR), centred, prior sd ``slope_prior_sd``; an unmeasured network sits at the corpus centre.
+        Default none (the form of every shipped predictor so far)
     n_estimators, max_depth, learning_rate, min_child_weight, subsample : booster settings
     aft_scale : the AFT noise scale the trees are fitted with (the served scale is ``scale_``)
     n_backfit : rounds of (linear | trees) backfitting
@@ -334,7 +337,8 @@ class LogLRModel:
     """
 
     def __init__(self, groups=("config", "forward", "gradient"), *, scale_part=True, slope_prior_sd=0.5,
-                 task_term=True, task_prior_sd=2.0, structure_term=True, structure_prior_sd=2.0, scale_axes=tuple(SCALE_COLUMNS), n_estimators=100, max_depth=2,
+                 task_term=True, task_prior_sd=2.0, structure_term=True, structure_prior_sd=2.0,
+                 scale_axes=tuple(SCALE_COLUMNS), extra_columns=(), n_estimators=100, max_depth=2,
                  learning_rate=0.05, min_child_weight=5.0, subsample=0.8, aft_scale=1.0, n_backfit=2, n_splits=5, random_state=0):
         self.groups = groups
         self.scale_part = scale_part
@@ -344,6 +348,7 @@ class LogLRModel:
         self.structure_term = structure_term
         self.structure_prior_sd = structure_prior_sd
         self.scale_axes = scale_axes
+        self.extra_columns = extra_columns
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -355,19 +360,20 @@ class LogLRModel:
         self.random_state = random_state
 
     PARAMS = ("groups", "scale_part", "slope_prior_sd", "task_term", "task_prior_sd", "structure_term",
-              "structure_prior_sd", "scale_axes", "n_estimators",
+              "structure_prior_sd", "scale_axes", "extra_columns", "n_estimators",
               "max_depth",
               "learning_rate", "min_child_weight", "subsample", "aft_scale", "n_backfit", "n_splits", "random_state")
 
     def get_params(self) -> dict:
-        return {k: (list(getattr(self, k)) if k in ("groups", "scale_axes") else getattr(self, k)) for k in self.PARAMS}
+        return {k: (list(getattr(self, k)) if k in ("groups", "scale_axes", "extra_columns") else getattr(self, k))
+                for k in self.PARAMS}
 
     # ------------------------------------------------------------------ matrices
     @property
     def linear_columns_(self) -> list[str]:
         return ([f"opt_{o}" for o in OPTIMIZERS] + ([TASK_COLUMN] if self.task_term else [])
                 + ([STRUCTURE_COLUMN] if self.structure_term else [])
-                + (list(self.scale_axes) if self.scale_part else []))
+                + (list(self.scale_axes) if self.scale_part else []) + list(self.extra_columns))
 
     def _columns(self, X, names) -> np.ndarray:
         n = len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
@@ -566,6 +572,7 @@ class LogLRModel:
         p.setdefault("task_term", False)  # saved before the task term existed
         p.setdefault("structure_term", False)  # saved before the structure term existed
         p["scale_axes"] = tuple(p.get("scale_axes", LEGACY_SCALE_COLUMNS))  # saved before the sequence axis
+        p["extra_columns"] = tuple(p.get("extra_columns", ()))  # saved before extra columns existed
         m = cls(**p)
         m.feature_names_, m.tree_features_ = list(d["feature_names"]), list(d["tree_features"])
         m.coef_, m.cov_ = np.asarray(d["coef"], float), np.asarray(d["cov"], float)

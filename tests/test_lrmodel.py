@@ -367,3 +367,39 @@ def test_the_structure_term_recovers_a_known_stage_effect_and_old_models_load_wi
     one[STRUCTURE_COLUMN], two[STRUCTURE_COLUMN] = np.array([0.0]), np.array([math.log(2.0)])
     assert old.predict_log_lr(one)["mu"][0] == pytest.approx(old.predict_log_lr(two)["mu"][0], abs=1e-12)
     assert m.predict_log_lr(one)["mu"][0] - m.predict_log_lr(two)["mu"][0] == pytest.approx(math.log(3.0), abs=0.25)
+
+
+def test_an_extra_linear_column_recovers_its_known_slope_and_round_trips():
+    """ln lr_fail = −0.7 ln d + 0.6·x − 3 (+ logistic noise), x a candidate feature in ln LR units:
+    with ``extra_columns=("x",)`` the slope on x comes out near 0.6 and moves the answer by 0.6 per
+    unit; without it the model cannot see x; the JSON round trip keeps the column, and a network
+    without x sits at the corpus centre."""
+    rng = np.random.default_rng(5)
+    n = 400
+    d = rng.choice([32, 64, 128], n).astype(float)
+    x = rng.normal(0.0, 1.0, n)
+    crit = np.exp(-0.7 * np.log(d) + 0.6 * x - 3.0 + rng.logistic(0, 0.3, n))
+    rows = []
+    for i in range(n):
+        f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
+                            d_model=d[i], n_layers=4)
+        f["x"] = x[i]
+        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
+        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        rows.append(f)
+    X = pd.DataFrame(rows)
+    g = np.arange(n) % 5
+    m = LogLRModel(groups=(), extra_columns=("x",), n_splits=3).fit(X, X["fail_lo"], X["fail_hi"], groups=g)
+    base = LogLRModel(groups=(), n_splits=3).fit(X, X["fail_lo"], X["fail_hi"], groups=g)
+    assert "x" in m.linear_columns_ and "x" not in base.linear_columns_
+    assert dict(zip(m.linear_columns_, m.coef_))["x"] == pytest.approx(0.6, abs=0.1)
+    assert m.scale_ < base.scale_                         # x explains part of what base calls noise
+    lo, hi = _net(64), _net(64)
+    lo["x"], hi["x"] = np.array([-1.0]), np.array([1.0])
+    assert m.predict_log_lr(hi)["mu"][0] - m.predict_log_lr(lo)["mu"][0] == pytest.approx(1.2, abs=0.2)
+    back = LogLRModel.from_dict(m.to_dict())
+    assert back.extra_columns == ("x",)
+    assert back.predict_log_lr(hi)["mu"][0] == pytest.approx(m.predict_log_lr(hi)["mu"][0], abs=1e-12)
+    centre = _net(64)
+    centre["x"] = np.array([float(X["x"].mean())])
+    assert m.predict_log_lr(_net(64))["mu"][0] == pytest.approx(m.predict_log_lr(centre)["mu"][0], abs=1e-9)
