@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -66,10 +67,24 @@ def markov_batches(vocab: int, ctx: int | None, n: int, seed: int = 0) -> list[t
     return out
 
 
+def probe_step(m: nn.Module, opt, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimizer step on the probe batch (x, y), each (B, T'); the loss before it (inf if
+    non-finite, and then no step)."""
+    from risk_model.init_features import probe_loss
+
+    out = m(x)
+    loss = probe_loss(out if isinstance(out, torch.Tensor) else out.logits, y)
+    if not torch.isfinite(loss):
+        return math.inf
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def run_probe(model: nn.Module, optimizer: str = "adamw", beta2: float = 0.95, eps: float = 1e-8):
     """(initial loss, final loss per rung of GRID; inf where not run or non-finite), or None."""
     from featurize.capture import context_length
-    from risk_model.init_features import probe_loss
     from risk_model.sweep.trainer import make_optimizer
 
     emb = [m for m in model.modules() if isinstance(m, nn.Embedding)]
@@ -87,15 +102,9 @@ def run_probe(model: nn.Module, optimizer: str = "adamw", beta2: float = 0.95, e
             for k, (x, y) in enumerate(batches):
                 for gp in opt.param_groups:
                     gp["lr"] = lr * min(1.0, (k + 1) / WARM)
-                out = m(x)
-                loss = probe_loss(out if isinstance(out, torch.Tensor) else out.logits, y)
-                if not torch.isfinite(loss):
-                    losses.append(math.inf)
+                losses.append(probe_step(m, opt, x, y))
+                if not math.isfinite(losses[-1]):
                     break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
             if lr == GRID[0]:
                 l0 = losses[0]
             finals.append(float(np.mean(losses[-5:])) if len(losses) == K else math.inf)
@@ -123,6 +132,7 @@ def summarise(l0: float, finals: np.ndarray) -> dict:
 
 def compute(corpora: list[str], limit: int | None, learners_only: bool = True) -> None:
     from risk_model import heldout_v3 as H
+    from risk_model.serve import single_threaded
     from risk_model.sweep.model_table import rebuild
     from risk_model.sweep.runner import write_parquet_atomic
 
@@ -135,9 +145,7 @@ def compute(corpora: list[str], limit: int | None, learners_only: bool = True) -
     tables = {s: pd.read_parquet(Path(s) / "models.parquet").set_index("model_id") for s in nets["source"].unique()}
     order = np.random.default_rng(0).permutation(len(nets))
     rows = cache.to_dict("records")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         for c, i in enumerate(order[:limit] if limit else order):
             r = nets.iloc[i]
             if r.pid in done:
@@ -152,8 +160,6 @@ def compute(corpora: list[str], limit: int | None, learners_only: bool = True) -
             rows.append(rec)
             write_parquet_atomic(pd.DataFrame(rows), CACHE, "probe_ladder")
             print(f"[probe] {c + 1}/{len(order)} {r.family} {rec.get('ln_probe_lr_fail')}", file=sys.stderr, flush=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def report(corpora: list[str]) -> dict:
@@ -248,12 +254,10 @@ def cost_gpt2(steps: int = 4) -> dict:
     (``transformers`` GPT2Config defaults), and the ladder's cost at that rate."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from risk_model.init_features import probe_loss
+    from risk_model.serve import single_threaded
     from risk_model.sweep.trainer import make_optimizer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             m = GPT2LMHeadModel(GPT2Config())
@@ -262,17 +266,12 @@ def cost_gpt2(steps: int = 4) -> dict:
         secs = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            loss = probe_loss(m(x).logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            probe_step(m, opt, x, y)
             secs.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
     per = float(np.median(secs[1:] if len(secs) > 1 else secs))
     out = dict(benchmark="probe_ladder_cost", network="GPT-2 124M (GPT2Config defaults)", batch=B, seq_len=T,
                threads=1, seconds_per_step=secs, median_seconds_per_step=per,
-               ladder_seconds_at_4_rungs=per * K * 4, load_average=list(__import__("os").getloadavg()),
+               ladder_seconds_at_4_rungs=per * K * 4, load_average=list(os.getloadavg()),
                machine=platform.platform(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     COST_OUT.write_text(json.dumps(out, indent=1))
     return out
