@@ -32,6 +32,13 @@ def test_ladder_targets_follow_the_label_rule_on_a_hand_built_ladder():
     assert b.div_hi == math.inf and b.div_lo == 1e-2                    # never diverged: right-censored
 
 
+def _bracket(crit: float) -> dict:
+    """The interval a half-decade ladder (``RUNGS``) measures for a true first failing LR ``crit``:
+    (last rung below it, first rung at or above it), 0 / inf where censored."""
+    below, above = RUNGS[RUNGS < crit], RUNGS[RUNGS >= crit]
+    return dict(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+
+
 def _synthetic(n=400, seed=0, widths=(32, 48, 64, 96, 128)):
     """Networks whose lr_fail follows ln lr = −0.7 ln d − 0.5 ln L + 1.5·u − 3 + logistic(0.3), u a
     dimensionless init feature; measured on half-decade ladders (interval-censored)."""
@@ -46,8 +53,7 @@ def _synthetic(n=400, seed=0, widths=(32, 48, 64, 96, 128)):
         f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
                             d_model=d[i], n_layers=L[i])
         f["log10_rms_w_sqrt_d_hidden"] = u[i]
-        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
-        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        f.update(_bracket(crit[i]))
         rows.append(f)
     return pd.DataFrame(rows), truth
 
@@ -298,8 +304,7 @@ def test_the_sequence_axis_is_learned_where_it_varies_and_extrapolates():
     for i in range(n):
         f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
                             d_model=d[i], n_layers=4, seq_len=seq[i])
-        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
-        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        f.update(_bracket(crit[i]))
         rows.append(f)
     X = pd.DataFrame(rows)
     m = LogLRModel(groups=(), n_estimators=0, n_splits=2).fit(X, X["fail_lo"], X["fail_hi"], groups=np.arange(n) % 4)
@@ -346,8 +351,7 @@ def test_the_structure_term_recovers_a_known_stage_effect_and_old_models_load_wi
         f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
                             d_model=d[i], n_layers=4)
         f[STRUCTURE_COLUMN] = math.log(stages[i])
-        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
-        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        f.update(_bracket(crit[i]))
         rows.append(f)
     X = pd.DataFrame(rows)
     m = LogLRModel(groups=(), n_splits=3).fit(X, X["fail_lo"], X["fail_hi"], groups=np.arange(n) % 5)
@@ -384,8 +388,7 @@ def test_an_extra_linear_column_recovers_its_known_slope_and_round_trips():
         f = recipe_features(optimizer="adamw", warmup=0, steps=300, grad_clip=0, weight_decay=0, batch_size=16,
                             d_model=d[i], n_layers=4)
         f["x"] = x[i]
-        below, above = RUNGS[RUNGS < crit[i]], RUNGS[RUNGS >= crit[i]]
-        f.update(fail_lo=below.max() if below.size else 0.0, fail_hi=above.min() if above.size else np.inf)
+        f.update(_bracket(crit[i]))
         rows.append(f)
     X = pd.DataFrame(rows)
     g = np.arange(n) % 5
